@@ -1,0 +1,100 @@
+"""The one place that picks the array module: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every other module asks `xp_of(array)` (or holds a `Backend`) instead of importing CuPy.
+When the gradient tests trace a forward pass with HIPS autograd, arrays arrive as autograd
+boxes, and `xp_of` hands back `autograd.numpy` so that the very same forward code is traced.
+"""
+import numpy as np
+
+try:  # CuPy is optional: `pip install tinyuvit[gpu]`
+    import cupy as _cupy
+except Exception:  # ImportError, or a CuPy that cannot find its CUDA libraries
+    _cupy = None
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used (no CuPy, no GPU, unknown name)."""
+
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def cupy_status():
+    """(usable, reason): whether CuPy imports and sees at least one GPU, and if not, why."""
+    if _cupy is None:
+        return False, ("CuPy is not installed: install it with `pip install cupy-cuda12x` "
+                       "(or cupy-cuda13x, matching your CUDA), or run with --device cpu")
+    try:
+        n = _cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device
+        n, err = 0, str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        err = "no CUDA device found"
+    if n < 1:
+        return False, f"CuPy is installed but no usable GPU was found ({err}); run with --device cpu"
+    return True, ""
+
+
+class Backend:
+    """An array module (numpy or cupy) plus the float dtype for compute."""
+
+    def __init__(self, device="cpu", dtype="float32"):
+        if device not in ("cpu", "gpu"):
+            raise BackendError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if dtype not in DTYPES:
+            raise BackendError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if device == "gpu":
+            ok, why = cupy_status()
+            if not ok:
+                raise BackendError(why)
+            self.xp = _cupy
+        else:
+            self.xp = np
+        self.device, self.dtype_name, self.dtype = device, dtype, DTYPES[dtype]
+
+    def asarray(self, a, dtype=None):
+        """Move a host (or device) array here, cast to the compute dtype unless told otherwise."""
+        return self.xp.asarray(a, dtype=self.dtype if dtype is None else dtype)
+
+    def __repr__(self):
+        return f"Backend(device={self.device!r}, dtype={self.dtype_name!r})"
+
+
+def xp_of(*arrays):
+    """The array module that owns the arrays: cupy, numpy, or autograd.numpy while tracing."""
+    for x in arrays:
+        if type(x).__name__ == "ArrayBox":  # HIPS autograd is tracing this forward pass
+            import autograd.numpy as anp
+            return anp
+    for x in arrays:
+        if _cupy is not None and isinstance(x, _cupy.ndarray):
+            return _cupy
+    return np
+
+
+def erf(x):
+    """The error function on whichever backend owns `x` (NumPy itself has none)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        import cupyx.scipy.special
+        return cupyx.scipy.special.erf(x)
+    if type(x).__name__ == "ArrayBox":
+        import autograd.scipy.special
+        return autograd.scipy.special.erf(x)
+    import scipy.special
+    return scipy.special.erf(x)
+
+
+def to_numpy(x):
+    """A host NumPy copy of any backend's array (no-op for NumPy arrays)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def synchronize(x=None):
+    """Wait for queued GPU work to finish (for honest timers); nothing to do on the CPU."""
+    if _cupy is not None and (x is None or isinstance(x, _cupy.ndarray)):
+        try:
+            _cupy.cuda.Stream.null.synchronize()
+        except Exception:
+            pass

@@ -1,0 +1,204 @@
+"""U-ViT: a ViT backbone for diffusion models, in NumPy with a hand-written backward.
+
+Bao, Nie, Xue, Cao, Li, Su, Zhu, "All are Worth Words: A ViT Backbone for Diffusion Models",
+CVPR 2023 (arXiv 2209.12152). Reference implementation: github.com/baofff/U-ViT, libs/uvit.py.
+
+The network, in the order the data flows (shapes for the `tiny` preset on MNIST):
+
+    image x_t [B, 1, 28, 28]
+      -> patch_embed     patches as tokens              [B, 49, 128]
+      -> label, time     one token each                 [B, 1, 128] x 2
+      -> concat          [label, time, patches]         [B, 51, 128]
+      -> pos_embed       + learned 1-D positions        [B, 51, 128]
+      -> in_blocks       depth//2 blocks, each output pushed on a stack
+      -> mid_block
+      -> out_blocks      each pops a skip (last in, first out): x <- Linear(concat(x, skip))
+      -> norm, decoder   LayerNorm, Linear D -> p*p*C   [B, 51, 16]
+      -> drop extras     keep the patch tokens          [B, 49, 16]
+      -> unpatchify                                     [B, 1, 28, 28]
+      -> final conv      3x3, padding 1                 [B, 1, 28, 28]  = predicted noise
+"""
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+from .backend import xp_of
+from .layers import (Block, Conv3x3, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
+                     PosEmbed, patchify, timestep_embedding, unpatchify)
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration and named presets
+# ----------------------------------------------------------------------------------------
+
+# The paper's design choices, and which of them this implementation has. U-ViT's are first.
+# An ablation is added by implementing its branch in UViT and listing its name here.
+CHOICES = {
+    "skip": ("concat", "add", "none"),   # long skip: Linear(concat(x, skip)) | x + skip | none
+    "time_cond": ("token",),             # time as a token (adaptive LayerNorm: not yet)
+    "conv": ("after", "none"),           # 3x3 conv after unpatchify | none (before: not yet)
+    "patch_embed": ("linear",),          # linear patch embedding (conv stack: not yet)
+    "pos_embed": ("learned", "none"),    # learned 1-D | none (2-D sinusoidal: not yet)
+}
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    img_size: int = 28
+    in_chans: int = 1
+    patch_size: int = 4
+    dim: int = 128
+    depth: int = 6          # depth//2 in-blocks + 1 mid-block + depth//2 out-blocks
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    num_classes: int = 10   # the label table has one more row: the null label
+    skip: str = "concat"
+    time_cond: str = "token"
+    conv: str = "after"
+    patch_embed: str = "linear"
+    pos_embed: str = "learned"
+
+    def __post_init__(self):
+        for name in ("img_size", "in_chans", "patch_size", "dim", "num_heads", "mlp_ratio",
+                     "num_classes"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.depth, (int, np.integer)) or self.depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size} "
+                             f"(divisors: {[d for d in range(1, self.img_size + 1) if self.img_size % d == 0]})")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def num_patches(self):
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_blocks(self):
+        return 2 * (self.depth // 2) + 1
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# Named presets for 28x28 MNIST. Parameter counts equal the reference architecture's.
+PRESETS = {
+    #            patch  dim  depth (blocks)  heads   params
+    "tiny":  dict(patch_size=4, dim=128, depth=6, num_heads=4),   # 7 blocks, 1,496,346
+    "small": dict(patch_size=2, dim=256, depth=8, num_heads=8),   # 9 blocks, 7,682,574
+}
+
+
+def get_config(preset="tiny", **overrides):
+    """The named preset's config, with any field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(UViTConfig(**PRESETS[preset]), **overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------
+
+class UViT(Module):
+    """Predicts the noise eps(x_t, t, y): [B, C, H, W], [B], [B] -> [B, C, H, W]."""
+
+    extras = 2  # the label token and the time token come before the patches
+
+    def __init__(self, cfg: UViTConfig, seed=0):
+        super().__init__()
+        self.cfg = cfg
+        rng = np.random.default_rng(seed)
+        D, p, C = cfg.dim, cfg.patch_size, cfg.in_chans
+        make_block = lambda skip=None: Block(D, cfg.num_heads, cfg.mlp_ratio, rng, skip=skip)
+        self.patch_embed = PatchEmbed(p, C, D, rng)
+        self.label_embed = LabelEmbedding(cfg.num_classes, D, rng)
+        self.pos_embed = PosEmbed(self.extras + cfg.num_patches, D, rng) if cfg.pos_embed == "learned" else None
+        self.in_blocks = [make_block() for _ in range(cfg.depth // 2)]
+        self.mid_block = make_block()
+        out_skip = None if cfg.skip == "none" else cfg.skip
+        self.out_blocks = [make_block(out_skip) for _ in range(cfg.depth // 2)]
+        self.norm = LayerNorm(D)
+        self.decoder_pred = Linear(D, p * p * C, rng)
+        self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
+
+    def check_inputs(self, x, t, y):
+        """Refuse wrong shapes and labels before any computation, naming what was expected."""
+        c = self.cfg
+        want = (c.in_chans, c.img_size, c.img_size)
+        if len(x.shape) != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(x.shape)}")
+        B = x.shape[0]
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"t must have shape [{B}] (one timestep per image), got {list(t.shape)}")
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"y must have shape [{B}] (one label per image), got {list(y.shape)}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+        if B and (int(y.min()) < 0 or int(y.max()) > c.num_classes):
+            raise ValueError(f"labels must lie in 0..{c.num_classes} ({c.num_classes} is the null label), "
+                             f"got min {int(y.min())}, max {int(y.max())}")
+
+    def forward(self, x, t, y):
+        self.check_inputs(x, t, y)
+        cfg = self.cfg
+        xp = xp_of(x, self.decoder_pred.params["W"])
+        patches = self.patch_embed(x)                                      # [B, N, D]
+        time = timestep_embedding(t, cfg.dim, x.dtype)[:, None, :]         # [B, 1, D]
+        label = self.label_embed(y)[:, None, :]                            # [B, 1, D]
+        h = xp.concatenate([label, time, patches], axis=1)                 # [B, 2+N, D]
+        if self.pos_embed is not None:
+            h = self.pos_embed(h)
+        skips = []
+        for blk in self.in_blocks:
+            h = blk(h)
+            skips.append(h)
+        h = self.mid_block(h)
+        for blk in self.out_blocks:
+            h = blk(h, skips.pop() if blk.skip else None)
+        h = self.decoder_pred(self.norm(h))                                # [B, 2+N, p*p*C]
+        h = h[:, self.extras:]                                             # [B, N, p*p*C]
+        img = unpatchify(h, cfg.patch_size, cfg.in_chans)                  # [B, C, H, W]
+        return self.final_layer(img) if self.final_layer is not None else img
+
+    def backward(self, dout):
+        """dL/d(output) [B, C, H, W] -> dL/dx [B, C, H, W]; fills every parameter's grads."""
+        cfg = self.cfg
+        xp = xp_of(dout)
+        dimg = self.final_layer.backward(dout) if self.final_layer is not None else dout
+        dh = patchify(dimg, cfg.patch_size)                                # [B, N, p*p*C]
+        B, N, P = dh.shape
+        dh = xp.concatenate([xp.zeros((B, self.extras, P), dtype=dh.dtype), dh], axis=1)
+        dh = self.norm.backward(self.decoder_pred.backward(dh))            # [B, 2+N, D]
+        # The out-blocks popped the in-blocks' outputs last in, first out; walking the
+        # out-blocks backwards therefore meets the skips of in_blocks[0], [1], ... in order.
+        dskips = []
+        for blk in reversed(self.out_blocks):
+            if blk.skip:
+                dh, ds = blk.backward(dh)
+                dskips.append(ds)
+            else:
+                dh = blk.backward(dh)
+        dh = self.mid_block.backward(dh)
+        for i in reversed(range(len(self.in_blocks))):
+            if dskips:
+                dh = dh + dskips[i]    # an in-block output fed both the next block and a skip
+            dh = self.in_blocks[i].backward(dh)
+        if self.pos_embed is not None:
+            dh = self.pos_embed.backward(dh)
+        self.label_embed.backward(dh[:, 0])                                # the time token has no parameters
+        return self.patch_embed.backward(dh[:, self.extras:])             # [B, C, H, W]
