@@ -196,12 +196,12 @@ class Attention(Module):
         B, L, D = x.shape
         H, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x)                                            # [B, L, 3D]
-        qkv = qkv.reshape(B, L, 3, H, hd).transpose(2, 0, 3, 1, 4)   # [3, B, H, L, hd]
+        qkv = qkv.reshape(B, L, 3, H, hd).transpose((2, 0, 3, 1, 4))  # [3, B, H, L, hd]
         q, k, v = qkv[0], qkv[1], qkv[2]                             # [B, H, L, hd] each
-        self.attn = softmax((q @ k.transpose(0, 1, 3, 2)) * self.scale)  # [B, H, L, L]
+        self.attn = softmax((q @ k.transpose((0, 1, 3, 2))) * self.scale)  # [B, H, L, L]
         o = self.attn @ v                                            # [B, H, L, hd]
         self.q, self.k, self.v = q, k, v
-        o = o.transpose(0, 2, 1, 3).reshape(B, L, D)                 # heads concatenated
+        o = o.transpose((0, 2, 1, 3)).reshape(B, L, D)               # heads concatenated
         return self.proj(o)
 
     # o = A v with A = softmax(S), S = q k^T s:
@@ -248,14 +248,14 @@ class MLP(Module):
 def patchify(x, p):  # [B, C, H, W] -> [B, (H/p)(W/p), p*p*C]
     B, C, H, W = x.shape
     h, w = H // p, W // p
-    x = x.reshape(B, C, h, p, w, p).transpose(0, 2, 4, 3, 5, 1)  # [B, h, w, p, p, C]
+    x = x.reshape(B, C, h, p, w, p).transpose((0, 2, 4, 3, 5, 1))  # [B, h, w, p, p, C]
     return x.reshape(B, h * w, p * p * C)
 
 
 def unpatchify(x, p, C):  # [B, N, p*p*C] -> [B, C, H, W]   (the inverse of patchify)
     B, N, _ = x.shape
     h = w = int(round(math.sqrt(N)))
-    x = x.reshape(B, h, w, p, p, C).transpose(0, 5, 1, 3, 2, 4)  # [B, C, h, p, w, p]
+    x = x.reshape(B, h, w, p, p, C).transpose((0, 5, 1, 3, 2, 4))  # [B, C, h, p, w, p]
     return x.reshape(B, C, h * p, w * p)
 
 
@@ -295,7 +295,7 @@ class Conv3x3(Module):
         xp = xp_of(x, self.params["W"])
         B, C, H, W = x.shape
         self.shape = x.shape
-        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))        # [B, C, H+2, W+2]
+        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="constant")  # [B, C, H+2, W+2]
         # im2col: the 9 shifted views, stacked: [B, C, 9, H, W] -> [B, C*9, H*W]
         cols = xp.stack([xpad[:, :, i:i + H, j:j + W] for i in range(3) for j in range(3)], axis=2)
         self.cols = cols.reshape(B, C * 9, H * W)

@@ -1,0 +1,182 @@
+"""The `tinyuvit` command line: train-mnist, sample, gradcheck, and the evaluation tools."""
+import functools
+import os
+import sys
+
+import click
+import numpy as np
+
+# Defaults per device: what `tinyuvit train-mnist` does when not told otherwise.
+# cpu: sized to finish within 30 minutes on a 2-core laptop; gpu: a larger run of a few minutes.
+DEVICE_DEFAULTS = {
+    "cpu": dict(steps=2000, batch_size=128),
+    "gpu": dict(steps=8000, batch_size=256),
+}
+
+
+def friendly_errors(fn):
+    """Turn the project's expected errors into a one-line message and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .backend import BackendError
+        from .checkpoint import CheckpointError
+        from .train import TrainingError
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, BackendError, CheckpointError, TrainingError, OSError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tinyuvit")
+def main():
+    """tinyuvit: U-ViT, a diffusion transformer, from scratch in NumPy (CuPy on a GPU).
+
+    Start with `tinyuvit train-mnist`, then `tinyuvit sample --checkpoint RUN/checkpoint.npz`.
+    """
+
+
+def _parse_digits(text):
+    if text.strip().lower() == "all":
+        return list(range(10))
+    try:
+        digits = [int(d) for d in text.replace(" ", "").split(",") if d != ""]
+    except ValueError:
+        raise ValueError(f"--digits must be 'all' or comma-separated digits like 3,7, got {text!r}") from None
+    if not digits or any(not 0 <= d <= 9 for d in digits):
+        raise ValueError(f"--digits must name digits 0..9, got {text!r}")
+    return digits
+
+
+@main.command("train-mnist")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="Model size from the presets table (tiny: 1.5M parameters, small: 7.7M).")
+@click.option("--steps", type=int, default=None,
+              help=f"Training steps. [default: {DEVICE_DEFAULTS['cpu']['steps']} on cpu, "
+                   f"{DEVICE_DEFAULTS['gpu']['steps']} on gpu]")
+@click.option("--batch-size", type=int, default=None,
+              help=f"Images per step. [default: {DEVICE_DEFAULTS['cpu']['batch_size']} on cpu, "
+                   f"{DEVICE_DEFAULTS['gpu']['batch_size']} on gpu]")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--warmup", type=int, default=200, show_default=True, help="Linear learning-rate warmup steps.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="After warmup: constant (as U-ViT) or cosine decay to 0.")
+@click.option("--weight-decay", type=float, default=0.03, show_default=True, help="AdamW weight decay.")
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Clip the global gradient norm (0 = off).")
+@click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA of the weights; samples use it.")
+@click.option("--p-uncond", type=float, default=0.1, show_default=True,
+              help="Probability of replacing the label by the null label (for classifier-free guidance).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: NumPy; gpu: CuPy on an NVIDIA GPU.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, data order and noise.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder. [default: runs/mnist-PRESET]")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.npz.")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Folder with the four MNIST IDX files (else $TINYUVIT_DATA, the cache, a download, "
+                   "or the embedded subset).")
+@click.option("--sample-every", type=int, default=500, show_default=True,
+              help="Save a 10x10 sample grid every N steps (0 = only at the end).")
+@click.option("--save-every", type=int, default=250, show_default=True,
+              help="Save the checkpoint every N steps (0 = only at the end).")
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True,
+              help="Sampler for the grids.")
+@click.option("--sample-steps", type=int, default=50, show_default=True, help="Sampler steps for the grids.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
+                p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
+                sampler, sample_steps, guidance, quiet):
+    """Train a class-conditional U-ViT on MNIST with DDPM (epsilon prediction).
+
+    Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
+    digit) and checkpoint.npz. Ctrl-C saves a checkpoint; --resume continues from it.
+    """
+    from .backend import Backend
+    from .train import TrainConfig, train
+    Backend(device)  # fail early with a clear message if the GPU is not usable
+    d = DEVICE_DEFAULTS[device]
+    cfg = TrainConfig(preset=preset, steps=steps or d["steps"], batch_size=batch_size or d["batch_size"],
+                      lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
+                      grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond, seed=seed, dtype=dtype,
+                      sample_every=sample_every, save_every=save_every, sampler=sampler,
+                      sample_steps=sample_steps, guidance=guidance)
+    out_dir = out_dir or os.path.join("runs", f"mnist-{preset}")
+    log = lambda m: click.echo(m, err=True)
+    if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.npz")):
+        raise ValueError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    log(f"training U-ViT '{preset}' on {device} for {cfg.steps} steps of {cfg.batch_size} images -> {out_dir}")
+    train(cfg, out_dir, device=device, data_dir=data_dir, resume=resume, log=log, progress=not quiet)
+
+
+@main.command("sample")
+@click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
+@click.option("--digits", default="all", show_default=True, help="Which digits: 'all' or e.g. 3,7.")
+@click.option("--count", type=int, default=10, show_default=True, help="Images per digit (one row each).")
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True,
+              help="ddim (any steps), dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddpm (1000 steps).")
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps (ddpm always uses 1000).")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
+              help="Sample with the EMA weights or the raw trained weights.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Grid PNG. [default: samples_<sampler>.png beside the checkpoint]")
+@click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device, weights, out_path, gif, quiet):
+    """Draw digits from a trained run and save them as a grid (one row per digit)."""
+    from .backend import Backend, to_numpy
+    from .checkpoint import load_checkpoint
+    from .diffusion import Schedule, sample
+    from .images import save_gif, save_grid, to_uint8
+    from .progress import Progress
+    from .train import make_model
+    digits = _parse_digits(digits)
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    ck = load_checkpoint(ckpt)
+    backend = Backend(device, ck["config"].get("dtype", "float32"))
+    model = make_model(ck["config"]["model"], backend)
+    model.load_state_dict({k: backend.asarray(v) for k, v in ck["ema" if weights == "ema" else "params"].items()})
+    schedule = Schedule(ck["config"].get("T", 1000))
+    labels = backend.xp.asarray(np.repeat(digits, count))
+    out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples_{sampler}.png")
+    frames = []
+    n_steps = schedule.T if sampler == "ddpm" else steps
+    every = max(1, n_steps // 40)
+    record = (lambda i, x, x0: frames.append(to_uint8(to_numpy(x))) if (i % every == 0 or i == n_steps - 1) else None) if gif else None
+    with Progress(n_steps, f"sampling {len(labels)} digits ({sampler})", unit="step", disable=quiet) as bar:
+        x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=sampler, steps=steps,
+                   guidance=guidance, eta=eta, callback=record, progress=bar)
+    imgs = to_uint8(to_numpy(x))
+    # one row per digit: `count` columns (at most 20 per row, wrapping)
+    save_grid(imgs, out_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
+    click.echo(f"wrote {out_path} (step {ck['step']} checkpoint, {sampler}, {n_steps} steps, guidance {guidance})", err=True)
+    if gif:
+        gif_path = os.path.splitext(out_path)[0] + ".gif"
+        frames.append(imgs)
+        save_gif(frames, gif_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
+        click.echo(f"wrote {gif_path} ({len(frames)} frames)", err=True)
+
+
+@main.command("gradcheck")
+@friendly_errors
+def gradcheck_cmd():
+    """Check every layer's hand-written backward against finite differences (and autograd)."""
+    from .gradcheck import main as run
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

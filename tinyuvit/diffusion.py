@@ -1,0 +1,179 @@
+"""DDPM: the forward (noising) process, the training loss, and three samplers.
+
+Ho, Jain, Abbeel 2020 (DDPM); Song, Meng, Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
+
+Timesteps are 0-indexed: t = 0 .. T-1, where t carries noise level beta_{t+1} of the paper.
+Training draws t uniformly from all T of them, so every timestep any sampler visits was trained.
+
+Guidance convention (as U-ViT's code): eps = eps_c + s * (eps_c - eps_u), with eps_u the
+prediction for the null label. s = 0 is the plain conditional model; s = 1 doubles the step
+away from the unconditional prediction. (In the other common convention, w = 1 + s.)
+
+Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise from the
+clipped x0, so the update stays consistent with the x0 it uses.
+"""
+import math
+
+import numpy as np
+
+from .backend import xp_of
+
+
+class Schedule:
+    """The linear beta schedule, computed once in float64 NumPy."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T = T
+        self.betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)    # [T]
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)                     # [T]  abar_t
+        assert self.betas.shape == self.alphas_cumprod.shape == (T,)
+        assert np.all(np.diff(self.alphas_cumprod) < 0) and 0 < self.alphas_cumprod[-1] < 1
+
+    def abar(self, t):
+        """abar at integer timesteps t (a NumPy array or int); abar(-1) = 1 means "clean"."""
+        t = np.asarray(t)
+        return np.where(t >= 0, self.alphas_cumprod[np.clip(t, 0, self.T - 1)], 1.0)
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (q(x_t | x0) in closed form)."""
+        xp = xp_of(x0)
+        a = self.abar(t)
+        sa = xp.asarray(np.sqrt(a), dtype=x0.dtype)[:, None, None, None]       # [B, 1, 1, 1]
+        s1 = xp.asarray(np.sqrt(1.0 - a), dtype=x0.dtype)[:, None, None, None]
+        return sa * x0 + s1 * noise
+
+    def timesteps(self, steps):
+        """`steps` timesteps from T-1 down to 0, evenly spaced (integers, strictly decreasing)."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be between 1 and {self.T}, got {steps}")
+        ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
+        assert np.all(np.diff(ts) < 0)
+        return ts
+
+
+def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10):
+    """Epsilon-prediction MSE on a batch; returns (loss, dL/d(eps_pred)) and leaves the model
+    ready for `model.backward`. `rng` is a NumPy Generator: all randomness is drawn on the host
+    so that runs are reproducible on any backend."""
+    xp = xp_of(x0)
+    B = x0.shape[0]
+    t = rng.integers(0, schedule.T, size=B)                                     # [B]
+    noise = xp.asarray(rng.standard_normal(x0.shape, dtype=np.float32), dtype=x0.dtype)
+    drop = rng.random(B) < p_uncond                                             # label dropout
+    y = np.where(drop, num_classes, np.asarray(y))                              # null label
+    xt = schedule.q_sample(x0, t, noise)
+    pred = model.forward(xt, xp.asarray(t), xp.asarray(y))                      # [B, C, H, W]
+    diff = pred - noise
+    loss = float((diff * diff).mean())
+    dpred = diff * (2.0 / diff.size)                                            # d mean(diff^2)
+    return loss, dpred
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------
+
+def guided_eps(model, x, t, y, guidance, null_label):
+    """eps = eps_c + s (eps_c - eps_u); one forward on the doubled batch when s != 0."""
+    xp = xp_of(x)
+    B = x.shape[0]
+    tt = xp.full((B,), int(t), dtype=np.int64)
+    if guidance == 0:
+        return model.forward(x, tt, y)
+    both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
+                         xp.concatenate([y, xp.full_like(y, null_label)]))
+    eps_c, eps_u = both[:B], both[B:]
+    return eps_c + guidance * (eps_c - eps_u)
+
+
+def _x0_and_eps(x, eps, abar, clip):
+    """Predicted x0 from (x_t, eps); if clipped, the noise consistent with the clipped x0."""
+    sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
+    x0 = (x - s1 * eps) * (1.0 / sa)
+    if clip:
+        x0 = xp_of(x0).clip(x0, -1.0, 1.0)
+        eps = (x - sa * x0) * (1.0 / s1)
+    return x0, eps
+
+
+def sample(model, schedule, labels, rng, sampler="ddim", steps=50, guidance=1.0, eta=0.0,
+           clip=True, callback=None, progress=None):
+    """Draw images for `labels` ([B] ints on the model's backend). Returns x0 [B, C, H, W].
+
+    sampler: "ddpm" (ancestral, visits all T steps; `steps` is ignored), "ddim" (any number of
+    steps, eta = 0 deterministic), or "dpm++" (DPM-Solver++(2M), a multistep ODE solver).
+    `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
+    """
+    cfg = model.cfg
+    xp = xp_of(labels, model.decoder_pred.params["W"])
+    dtype = model.decoder_pred.params["W"].dtype
+    B = labels.shape[0]
+    shape = (B, cfg.in_chans, cfg.img_size, cfg.img_size)
+    x = xp.asarray(rng.standard_normal(shape), dtype=dtype)                     # x_T ~ N(0, I)
+    if sampler == "ddpm":
+        ts = np.arange(schedule.T - 1, -1, -1)
+    elif sampler in ("ddim", "dpm++"):
+        ts = schedule.timesteps(steps)
+    else:
+        raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpm++', got {sampler!r}")
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
+        a, a_next = float(schedule.abar(t)), float(schedule.abar(t_next))
+        eps = guided_eps(model, x, t, labels, guidance, cfg.num_classes)
+        x0, eps = _x0_and_eps(x, eps, a, clip)
+        if sampler == "ddpm":
+            x = _ddpm_step(x, x0, t, schedule, rng, xp, dtype)
+        elif sampler == "ddim":
+            x = _ddim_step(x0, eps, a, a_next, eta, rng, xp, dtype)
+        else:
+            x, h_prev = _dpmpp_2m_step(x, x0, x0_prev, a, a_next, h_prev)
+            x0_prev = x0
+        if callback is not None:
+            callback(i, x, x0)
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+def _ddpm_step(x, x0, t, schedule, rng, xp, dtype):
+    """x_{t-1} ~ q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta~_t): the posterior of DDPM."""
+    beta = float(schedule.betas[t])
+    a, a_prev = float(schedule.abar(t)), float(schedule.abar(t - 1))
+    c0 = math.sqrt(a_prev) * beta / (1.0 - a)
+    ct = math.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a)
+    mean = c0 * x0 + ct * x
+    if t == 0:
+        return mean
+    var = beta * (1.0 - a_prev) / (1.0 - a)
+    z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
+    return mean + math.sqrt(var) * z
+
+
+def _ddim_step(x0, eps, a, a_next, eta, rng, xp, dtype):
+    """x_next = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, sigma from eta (DDIM eq. 16)."""
+    sigma = eta * math.sqrt((1.0 - a_next) / (1.0 - a) * (1.0 - a / a_next))
+    x = math.sqrt(a_next) * x0 + math.sqrt(max(1.0 - a_next - sigma * sigma, 0.0)) * eps
+    if sigma > 0:
+        x = x + sigma * xp.asarray(rng.standard_normal(x0.shape), dtype=dtype)
+    return x
+
+
+def _dpmpp_2m_step(x, x0, x0_prev, a, a_next, h_prev):
+    """One DPM-Solver++(2M) step in lambda = log(alpha / sigma), with data prediction x0.
+
+    x_next = (sigma'/sigma) x - alpha' (e^{-h} - 1) D, h = lambda' - lambda, where D = x0 on the
+    first step (first order) and D = (1 + 1/2r) x0 - (1/2r) x0_prev after it, r = h_prev / h.
+    The last step (to the clean image, sigma' = 0) is x_next = x0.
+    """
+    if a_next >= 1.0:
+        return x0, None
+    alpha, sigma = math.sqrt(a), math.sqrt(1.0 - a)
+    alpha_n, sigma_n = math.sqrt(a_next), math.sqrt(1.0 - a_next)
+    h = math.log(alpha_n / sigma_n) - math.log(alpha / sigma)
+    if x0_prev is None:
+        D = x0
+    else:
+        r = h_prev / h
+        D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+    return (sigma_n / sigma) * x - alpha_n * math.expm1(-h) * D, h

@@ -1,0 +1,68 @@
+"""Pictures: sample grids (PNG), denoising animations (GIF) and loss curves (PNG)."""
+import os
+
+import numpy as np
+
+
+def _atomic_save(save, path):
+    """Write through `save(tmp_path)` then rename, so a reader never sees half a file."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def to_uint8(x):
+    """Model-range images [N, 1, H, W] in [-1, 1] -> uint8 [N, H, W]."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x.reshape(x.shape[0], x.shape[-2], x.shape[-1])
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def grid(images, nrow, pad=2, scale=2):
+    """uint8 [N, H, W] -> one uint8 picture, `nrow` images per row, grey padding, upscaled."""
+    n, h, w = images.shape
+    ncol_rows = -(-n // nrow)
+    out = np.full((ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad), 96, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
+    return np.kron(out, np.ones((scale, scale), np.uint8)) if scale > 1 else out
+
+
+def save_grid(images, path, nrow=10, scale=2):
+    """Save uint8 [N, H, W] (or model-range floats) as a PNG grid."""
+    from PIL import Image
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    _atomic_save(lambda p: Image.fromarray(grid(images, nrow, scale=scale)).save(p), path)
+
+
+def save_gif(frames, path, nrow=10, scale=2, duration_ms=60, hold_ms=1500):
+    """Frames: a list of uint8 [N, H, W] stacks -> an animated GIF of grids; the last frame lingers."""
+    from PIL import Image
+    pics = [Image.fromarray(grid(f if f.dtype == np.uint8 else to_uint8(f), nrow, scale=scale)) for f in frames]
+    durations = [duration_ms] * (len(pics) - 1) + [hold_ms]
+    _atomic_save(lambda p: pics[0].save(p, save_all=True, append_images=pics[1:], duration=durations, loop=0), path)
+
+
+def plot_curves(path, series, xlabel="step", title=None, logy=True):
+    """A PNG line plot of {name: ys} against xs (matplotlib, no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name, lw=1.2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _atomic_save(lambda p: fig.savefig(p), path)
+    plt.close(fig)
