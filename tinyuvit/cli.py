@@ -102,11 +102,14 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     from .train import TrainConfig, train
     Backend(device)  # fail early with a clear message if the GPU is not usable
     d = DEVICE_DEFAULTS[device]
-    cfg = TrainConfig(preset=preset, steps=steps or d["steps"], batch_size=batch_size or d["batch_size"],
+    steps = d["steps"] if steps is None else steps
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond, seed=seed, dtype=dtype,
                       sample_every=sample_every, save_every=save_every, sampler=sampler,
                       sample_steps=sample_steps, guidance=guidance)
+    cfg.validate()
     out_dir = out_dir or os.path.join("runs", f"mnist-{preset}")
     log = lambda m: click.echo(m, err=True)
     if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.npz")):

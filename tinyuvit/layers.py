@@ -95,11 +95,12 @@ class Linear(Module):
             self.params["b"] = np.zeros(d_out)
 
     def forward(self, x):  # [..., d_in] -> [..., d_out]
+        W = self.params["W"]
         self.x = x
-        y = x @ self.params["W"]
+        y = x.reshape(-1, W.shape[0]) @ W          # one 2-D matmul: [n, d_in] @ [d_in, d_out]
         if "b" in self.params:
             y = y + self.params["b"]
-        return y
+        return y.reshape(*x.shape[:-1], W.shape[1])
 
     # With rows X = x flattened to [n, d_in]:  Y = X W + b, so
     #   dW = X^T dY,  db = sum_rows dY,  dX = dY W^T.
@@ -110,7 +111,7 @@ class Linear(Module):
         self.grads["W"] = x2.T @ dy2
         if "b" in self.params:
             self.grads["b"] = dy2.sum(axis=0)
-        return dy @ W.T
+        return (dy2 @ W.T).reshape(self.x.shape)
 
 
 # ----------------------------------------------------------------------------------------
