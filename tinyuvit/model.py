@@ -153,27 +153,44 @@ class UViT(Module):
             raise ValueError(f"labels must lie in 0..{c.num_classes} ({c.num_classes} is the null label), "
                              f"got min {int(y.min())}, max {int(y.max())}")
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, trace=None):
+        """`trace(name, array)`, if given, sees the data after every stage (examples/walk_uvit.py)."""
         self.check_inputs(x, t, y)
         cfg = self.cfg
+        see = trace or (lambda name, a: None)
         xp = xp_of(x, self.decoder_pred.params["W"])
+        see("input x_t", x)                                                # [B, C, H, W]
         patches = self.patch_embed(x)                                      # [B, N, D]
+        see("patch_embed", patches)
         time = timestep_embedding(t, cfg.dim, x.dtype)[:, None, :]         # [B, 1, D]
+        see("time token (timestep_embedding)", time)
         label = self.label_embed(y)[:, None, :]                            # [B, 1, D]
+        see("label token (label_embed)", label)
         h = xp.concatenate([label, time, patches], axis=1)                 # [B, 2+N, D]
+        see("concat [label, time, patches]", h)
         if self.pos_embed is not None:
             h = self.pos_embed(h)
+            see("+ pos_embed", h)
         skips = []
-        for blk in self.in_blocks:
+        for i, blk in enumerate(self.in_blocks):
             h = blk(h)
             skips.append(h)
+            see(f"in_blocks[{i}] (pushed as skip {i})", h)
         h = self.mid_block(h)
-        for blk in self.out_blocks:
+        see("mid_block", h)
+        for i, blk in enumerate(self.out_blocks):
             h = blk(h, skips.pop() if blk.skip else None)
+            see(f"out_blocks[{i}] (long skip from in_blocks[{len(skips)}])" if blk.skip else f"out_blocks[{i}]", h)
         h = self.decoder_pred(self.norm(h))                                # [B, 2+N, p*p*C]
+        see("norm, decoder_pred", h)
         h = h[:, self.extras:]                                             # [B, N, p*p*C]
+        see("drop label and time tokens", h)
         img = unpatchify(h, cfg.patch_size, cfg.in_chans)                  # [B, C, H, W]
-        return self.final_layer(img) if self.final_layer is not None else img
+        see("unpatchify", img)
+        if self.final_layer is not None:
+            img = self.final_layer(img)
+            see("final_layer (3x3 conv) = predicted noise", img)
+        return img
 
     def backward(self, dout):
         """dL/d(output) [B, C, H, W] -> dL/dx [B, C, H, W]; fills every parameter's grads."""
