@@ -88,11 +88,15 @@ def _parse_digits(text):
 @click.option("--sample-steps", type=int, default=50, show_default=True, help="Sampler steps for the grids.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Every N steps, score EMA samples (class accuracy, FID) into evals.jsonl and eval.png "
+                   "(0 = never; costs sampling time).")
+@click.option("--eval-per-digit", type=int, default=100, show_default=True, help="Samples per digit for --eval-every.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
                 p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
-                sampler, sample_steps, guidance, quiet):
+                sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet):
     """Train a class-conditional U-ViT on MNIST with DDPM (epsilon prediction).
 
     Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
@@ -108,7 +112,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
                       lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond, seed=seed, dtype=dtype,
                       sample_every=sample_every, save_every=save_every, sampler=sampler,
-                      sample_steps=sample_steps, guidance=guidance)
+                      sample_steps=sample_steps, guidance=guidance, eval_every=eval_every,
+                      eval_per_digit=eval_per_digit)
     cfg.validate()
     out_dir = out_dir or os.path.join("runs", f"mnist-{preset}")
     log = lambda m: click.echo(m, err=True)
@@ -171,6 +176,90 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
         frames.append(imgs)
         save_gif(frames, gif_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
         click.echo(f"wrote {gif_path} ({len(frames)} frames)", err=True)
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
+@click.option("--per-digit", type=int, default=None,
+              help="Samples per digit. [default: 300 on cpu (3,000 in all), 1000 on gpu (10,000)]")
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps (ddpm always 1000).")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=500, show_default=True, help="Images sampled at once.")
+@click.option("--data-dir", type=click.Path(), default=None, help="MNIST folder for the FID reference.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_size, data_dir, json_path, quiet):
+    """Score a run: class accuracy and FID of its samples, with the FID floor of real digits.
+
+    Samples --per-digit images of every digit with the EMA weights; the shipped ViT classifier
+    labels them (class accuracy = share read as the digit asked for) and its penultimate
+    features give the Frechet distance to the MNIST test set (FID). The floor is the FID of
+    10,000 real training digits: the best a generator can hope for.
+    """
+    import json
+    from .backend import Backend
+    from .checkpoint import load_checkpoint
+    from .diffusion import Schedule
+    from .evaluate import evaluate_model
+    from .metrics import load_classifier, reference_stats
+    from .progress import Progress
+    from .train import make_model
+    ck = load_checkpoint(ckpt)
+    backend = Backend(device, ck["config"].get("dtype", "float32"))
+    per_digit = per_digit or (1000 if device == "gpu" else 300)
+    if per_digit < 2:
+        raise ValueError(f"--per-digit must be >= 2 (a covariance needs several samples), got {per_digit}")
+    model = make_model(ck["config"]["model"], backend)
+    model.load_state_dict({k: backend.asarray(v) for k, v in ck["ema"].items()})
+    classifier = load_classifier(backend=backend)
+    reference = reference_stats(classifier, data_dir=data_dir)
+    with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
+        res = evaluate_model(model, Schedule(ck["config"].get("T", 1000)), per_digit, sampler, steps, guidance,
+                             seed, batch_size, classifier, reference, progress=bar)
+    res["checkpoint_step"] = ck["step"]
+    json_path = json_path or os.path.join(os.path.dirname(os.path.abspath(ckpt)),
+                                          f"eval_{sampler}{steps}_g{guidance:g}.json")
+    with open(json_path, "w") as f:
+        json.dump(res, f, indent=2)
+    click.echo(f"checkpoint       {ckpt} (step {ck['step']})")
+    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g}")
+    click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
+    click.echo(f"FID              {res['fid']:.3f}")
+    click.echo(f"FID floor        {res['fid_floor']:.3f}   (10,000 real training digits; ratio {res['fid'] / res['fid_floor']:.1f}x)")
+    click.echo(f"wrote {json_path}")
+
+
+@main.command("train-classifier")
+@click.option("--epochs", type=float, default=10, show_default=True, help="Passes over the 60,000 training digits.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--data-dir", type=click.Path(), default=None, help="Folder with the four MNIST IDX files.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="classifier.npz", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def train_classifier_cmd(epochs, batch_size, lr, seed, device, data_dir, out_path, quiet):
+    """Train the ViT classifier used for FID and class accuracy, and report its test accuracy.
+
+    The package ships one (tinyuvit/assets/classifier.npz, made with the defaults); this command
+    re-creates it, or trains your own for `tinyuvit evaluate`.
+    """
+    from .backend import Backend
+    from .vit import train_classifier
+    Backend(device)
+    if epochs <= 0 or batch_size < 1 or lr <= 0:
+        raise ValueError("--epochs and --lr must be positive and --batch-size >= 1")
+    res = train_classifier(out_path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           data_dir=data_dir, device=device, progress=not quiet)
+    click.echo(f"test accuracy {100 * res['test_accuracy']:.2f}% after {res['steps']} steps "
+               f"({res['seconds'] / 60:.1f} min); saved {out_path}")
 
 
 @main.command("gradcheck")

@@ -54,10 +54,13 @@ class TrainConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     guidance: float = 1.0
+    eval_every: int = 0                # class accuracy and FID every N steps (0 = never)
+    eval_per_digit: int = 100
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE = ("steps", "sample_every", "save_every", "sampler", "sample_steps", "guidance")
+    RESUMABLE = ("steps", "sample_every", "save_every", "sampler", "sample_steps", "guidance",
+                 "eval_every", "eval_per_digit")
 
     def validate(self):
         checks = [
@@ -73,6 +76,7 @@ class TrainConfig:
             (0 <= self.p_uncond < 1, f"label dropout must lie in [0, 1), got {self.p_uncond}"),
             (self.T >= 2, f"T must be >= 2, got {self.T}"),
             (self.sample_every >= 0 and self.save_every >= 0, "sample/save intervals must be >= 0 (0 = only at the end)"),
+            (self.eval_every >= 0 and self.eval_per_digit >= 2, "eval interval must be >= 0 and eval samples per digit >= 2"),
             (self.sampler in ("ddpm", "ddim", "dpm++"), f"sampler must be ddpm, ddim or dpm++, got {self.sampler!r}"),
             (1 <= self.sample_steps <= self.T, f"sample steps must lie in 1..{self.T}, got {self.sample_steps}"),
         ]
@@ -224,6 +228,8 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     for r in rows:
         metrics_file.write(json.dumps(r) + "\n")
 
+    evaluator = _Evaluator(cfg, out_dir, backend, data_dir, start) if cfg.eval_every else None
+
     def save(step):
         save_checkpoint(ckpt_path, params=params, ema=ema.shadow, opt_state=opt.state(),
                         opt_k=opt.k, step=step, config=run_cfg)
@@ -266,6 +272,10 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                     preview_grid(ema_model, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
                     plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"))
+                if evaluator and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    res = evaluator(ema_model, schedule, step)
+                    log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
+                        f"(floor {res['fid_floor']:.2f})")
     finally:
         bar.close()
         if stopped or step >= cfg.steps:
@@ -286,6 +296,34 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                "final_loss_mean100": float(np.mean(last)) if last else None}
     log(f"done: {step} steps in {wall / 60:.1f} min; samples {final_grid}; checkpoint {ckpt_path}")
     return summary
+
+
+class _Evaluator:
+    """Class accuracy and FID of the EMA model during training -> evals.jsonl and eval.png."""
+
+    def __init__(self, cfg, out_dir, backend, data_dir, start):
+        from .metrics import load_classifier, reference_stats
+        self.cfg, self.out_dir = cfg, out_dir
+        self.path = os.path.join(out_dir, "evals.jsonl")
+        self.classifier = load_classifier(backend=backend)
+        self.reference = reference_stats(self.classifier, data_dir=data_dir)
+        self.rows = [r for r in _read_metrics(self.path, start)]
+
+    def __call__(self, model, schedule, step):
+        from .evaluate import evaluate_model
+        c = self.cfg
+        res = evaluate_model(model, schedule, c.eval_per_digit, c.sampler, c.sample_steps, c.guidance,
+                             classifier=self.classifier, reference=self.reference)
+        self.rows.append(dict(step=step, **res))
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        steps = [r["step"] for r in self.rows]
+        plot_curves(os.path.join(self.out_dir, "eval.png"),
+                    {"FID": (steps, [r["fid"] for r in self.rows]),
+                     "FID floor": (steps, [r["fid_floor"] for r in self.rows]),
+                     "class error (1 - accuracy) x 100": (steps, [100 * (1 - r["class_accuracy"]) + 1e-3 for r in self.rows])},
+                    title=f"EMA samples, {c.eval_per_digit}/digit, {c.sampler} {c.sample_steps} steps, guidance {c.guidance}")
+        return res
 
 
 def _saved_step(path):
