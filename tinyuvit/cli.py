@@ -67,6 +67,10 @@ def _parse_digits(text):
 @click.option("--weight-decay", type=float, default=0.03, show_default=True, help="AdamW weight decay.")
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Clip the global gradient norm (0 = off).")
 @click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA of the weights; samples use it.")
+@click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
+              help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
+@click.option("--snr-gamma", type=float, default=0.0, show_default=True,
+              help="Min-SNR loss weighting min(SNR_t, gamma)/SNR_t (0 = plain MSE).")
 @click.option("--p-uncond", type=float, default=0.1, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -95,7 +99,7 @@ def _parse_digits(text):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
+                ema_warmup, snr_gamma, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
                 sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet):
     """Train a class-conditional U-ViT on MNIST with DDPM (epsilon prediction).
 
@@ -110,7 +114,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     batch_size = d["batch_size"] if batch_size is None else batch_size
     cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond, seed=seed, dtype=dtype,
+                      grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
+                      snr_gamma=snr_gamma, p_uncond=p_uncond, seed=seed, dtype=dtype,
                       sample_every=sample_every, save_every=save_every, sampler=sampler,
                       sample_steps=sample_steps, guidance=guidance, eval_every=eval_every,
                       eval_per_digit=eval_per_digit)

@@ -51,10 +51,15 @@ class Schedule:
         return ts
 
 
-def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10):
+def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0):
     """Epsilon-prediction MSE on a batch; returns (loss, dL/d(eps_pred)) and leaves the model
     ready for `model.backward`. `rng` is a NumPy Generator: all randomness is drawn on the host
-    so that runs are reproducible on any backend."""
+    so that runs are reproducible on any backend.
+
+    snr_gamma > 0 weights each image's MSE by min(SNR_t, gamma) / SNR_t, SNR_t = abar/(1 - abar)
+    (Min-SNR weighting, Hang et al. 2023): nearly clean timesteps, whose noise is hard to guess
+    and matters little for the samples, count less. 0 = the plain mean (Ho et al.).
+    """
     xp = xp_of(x0)
     B = x0.shape[0]
     t = rng.integers(0, schedule.T, size=B)                                     # [B]
@@ -64,8 +69,14 @@ def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10):
     xt = schedule.q_sample(x0, t, noise)
     pred = model.forward(xt, xp.asarray(t), xp.asarray(y))                      # [B, C, H, W]
     diff = pred - noise
-    loss = float((diff * diff).mean())
-    dpred = diff * (2.0 / diff.size)                                            # d mean(diff^2)
+    if snr_gamma > 0:
+        a = schedule.abar(t)
+        snr = a / (1.0 - a)
+        w = xp.asarray(np.minimum(snr, snr_gamma) / snr, dtype=x0.dtype)[:, None, None, None]
+    else:
+        w = 1.0
+    loss = float((w * diff * diff).mean())
+    dpred = (w * diff) * (2.0 / diff.size)                                      # d mean(w diff^2)
     return loss, dpred
 
 

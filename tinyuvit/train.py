@@ -44,6 +44,8 @@ class TrainConfig:
     lr_schedule: str = "constant"      # or "cosine" (decays to 0 at `steps`)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
+    snr_gamma: float = 0.0             # > 0: Min-SNR loss weighting min(SNR, gamma)/SNR
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = 1000
     seed: int = 0
@@ -73,6 +75,7 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"),
             (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.snr_gamma >= 0, f"SNR gamma must be >= 0 (0 = off), got {self.snr_gamma}"),
             (0 <= self.p_uncond < 1, f"label dropout must lie in [0, 1), got {self.p_uncond}"),
             (self.T >= 2, f"T must be >= 2, got {self.T}"),
             (self.sample_every >= 0 and self.save_every >= 0, "sample/save intervals must be >= 0 (0 = only at the end)"),
@@ -189,7 +192,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     model = make_model(run_cfg["model"], backend, seed=cfg.seed)
     params = model.state_dict()
     opt = AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    ema = EMA(params, cfg.ema_decay)
+    ema = EMA(params, cfg.ema_decay, cfg.ema_warmup)
     start = 0
     if resume:
         if not os.path.exists(ckpt_path):
@@ -249,7 +252,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 rng = step_rng(cfg.seed, step)
                 idx = batch_indices(cfg.seed, step, cfg.batch_size, n)
                 loss, dpred = diffusion_loss(model, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
-                                             cfg.p_uncond, model.cfg.num_classes)
+                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step}; the last good checkpoint "
@@ -260,7 +263,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 gnorm = clip_grad_norm(grads, cfg.grad_clip)
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
                 opt.step(grads, lr)
-                ema.update(params)
+                ema.update(params, step)
                 step += 1
                 smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
                 metrics_file.write(json.dumps({"step": step, "loss": loss, "lr": lr,
