@@ -86,7 +86,7 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
     assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, *FAST).exit_code == 0
     r = run("train-mnist", "--steps", 4, "--out", a, "--resume", "--lr", "0.01", "--seed", 3, *FAST)
     assert r.exit_code == 1
-    assert "lr (checkpoint 0.001, now 0.01)" in r.output and "seed" in r.output
+    assert "lr (checkpoint 0.002, now 0.01)" in r.output and "seed" in r.output
     assert one_error_line(r.output)
     r = run("train-mnist", "--steps", 4, "--out", a, *FAST)
     assert r.exit_code == 1 and "--resume" in r.output

@@ -10,7 +10,7 @@ import numpy as np
 # cpu: sized to finish within 30 minutes on a 2-core laptop; gpu: a larger run of a few minutes.
 DEVICE_DEFAULTS = {
     "cpu": dict(steps=2000, batch_size=128),
-    "gpu": dict(steps=8000, batch_size=256),
+    "gpu": dict(steps=5000, batch_size=256),
 }
 
 
@@ -60,17 +60,17 @@ def _parse_digits(text):
 @click.option("--batch-size", type=int, default=None,
               help=f"Images per step. [default: {DEVICE_DEFAULTS['cpu']['batch_size']} on cpu, "
                    f"{DEVICE_DEFAULTS['gpu']['batch_size']} on gpu]")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--warmup", type=int, default=200, show_default=True, help="Linear learning-rate warmup steps.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="cosine", show_default=True,
               help="After warmup: constant (as U-ViT) or cosine decay to 0.")
 @click.option("--weight-decay", type=float, default=0.03, show_default=True, help="AdamW weight decay.")
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Clip the global gradient norm (0 = off).")
 @click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA of the weights; samples use it.")
 @click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
               help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
-@click.option("--snr-gamma", type=float, default=0.0, show_default=True,
-              help="Min-SNR loss weighting min(SNR_t, gamma)/SNR_t (0 = plain MSE).")
+@click.option("--snr-gamma", type=float, default=5.0, show_default=True,
+              help="Min-SNR loss weighting min(SNR_t, gamma)/SNR_t (0 = plain MSE, as DDPM).")
 @click.option("--p-uncond", type=float, default=0.1, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,

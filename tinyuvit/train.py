@@ -36,16 +36,16 @@ class TrainConfig:
     preset: str = "tiny"
     steps: int = 2000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.03
     beta1: float = 0.9
     beta2: float = 0.999
     warmup: int = 200
-    lr_schedule: str = "constant"      # or "cosine" (decays to 0 at `steps`)
+    lr_schedule: str = "cosine"        # or "constant" (U-ViT's choice after warmup)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
-    snr_gamma: float = 0.0             # > 0: Min-SNR loss weighting min(SNR, gamma)/SNR
+    snr_gamma: float = 5.0             # > 0: Min-SNR loss weighting min(SNR, gamma)/SNR; 0 = plain MSE
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = 1000
     seed: int = 0
