@@ -15,7 +15,9 @@ from tinyuvit.checkpoint import CheckpointError, load_checkpoint
 from tinyuvit.cli import main
 from tinyuvit.train import TrainConfig, TrainingError, train
 
-FAST = ["--batch-size", "8", "--sample-steps", "2", "--warmup", "2", "--quiet"]
+# constant lr after warmup: a run extended from 4 to 6 steps then has the same schedule as a
+# 6-step run (a cosine schedule depends on the total number of steps)
+FAST = ["--batch-size", "8", "--sample-steps", "2", "--warmup", "2", "--lr-schedule", "constant", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -161,6 +163,9 @@ def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
     out = train(_tiny_cfg(), tmp_path, images=images, labels=labels, progress=False, resume=True,
                 log=lambda m: None)
     assert out["step"] == 6 and not out["stopped"]
+    # interrupted + resumed == uninterrupted, with the default (cosine) schedule
+    train(_tiny_cfg(), tmp_path / "straight", images=images, labels=labels, progress=False, log=lambda m: None)
+    assert losses(tmp_path) == losses(tmp_path / "straight")
 
 
 def test_corrupt_checkpoint_is_refused_not_used(tmp_path):

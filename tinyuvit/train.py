@@ -210,6 +210,9 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
         opt.load_state({k: backend.asarray(v) for k, v in ck["opt"].items()}, ck["opt_k"])
         start = ck["step"]
         log(f"resuming from step {start} of {ckpt_path}")
+        if cfg.lr_schedule == "cosine" and ck["config"]["steps"] != cfg.steps:
+            log(f"note: the cosine learning-rate schedule now ends at step {cfg.steps} "
+                f"instead of {ck['config']['steps']}")
         if start >= cfg.steps:
             log(f"the run already has {start} steps (asked for {cfg.steps}); nothing to train")
     with open(os.path.join(out_dir, "config.json"), "w") as f:
