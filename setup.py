@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tinyuvit", "tinyuvit.*"]),
     package_data={"tinyuvit": ["assets/*.npz"]},
-    install_requires=["numpy>=2", "scipy", "click>=8", "pillow", "matplotlib"],
+    install_requires=["numpy>=2", "scipy", "click>=8", "pillow", "matplotlib",
+                      "threadpoolctl"],  # --threads: BLAS threads at run time
     extras_require={
         "test": ["pytest", "autograd>=1.7"],
         "gpu": ["cupy-cuda12x"],

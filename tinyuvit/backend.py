@@ -102,10 +102,24 @@ def erf(x):
 
 _SPLIT_MIN = 1 << 16
 _POOL = None
+_THREADS = None
 
 
 def _threads():
-    return min(os.cpu_count() or 1, 8)
+    return _THREADS or min(os.cpu_count() or 1, 8)
+
+
+def set_cpu_threads(n):
+    """Use n CPU threads for BLAS (matmuls) and for erf. On a machine whose cores are busy with
+    other work, fewer threads can be much faster: BLAS threads that wait for a busy core spin."""
+    global _THREADS, _POOL
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=n)
+    _THREADS, _POOL = n, None
 
 
 def _pool():

@@ -39,6 +39,13 @@ def main():
     """
 
 
+def threads_option(fn):
+    """--threads: CPU threads for NumPy's BLAS and erf."""
+    return click.option("--threads", type=int, default=None,
+                        help="CPU threads for NumPy (default: all cores). If other programs keep the "
+                             "cores busy, --threads 1 can be several times faster.")(fn)
+
+
 def _parse_digits(text):
     if text.strip().lower() == "all":
         return list(range(10))
@@ -97,17 +104,19 @@ def _parse_digits(text):
                    "(0 = never; costs sampling time).")
 @click.option("--eval-per-digit", type=int, default=100, show_default=True, help="Samples per digit for --eval-every.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 @friendly_errors
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
                 ema_warmup, snr_gamma, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
-                sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet):
+                sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet, threads):
     """Train a class-conditional U-ViT on MNIST with DDPM (epsilon prediction).
 
     Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
     digit) and checkpoint.npz. Ctrl-C saves a checkpoint; --resume continues from it.
     """
-    from .backend import Backend
+    from .backend import Backend, set_cpu_threads
     from .train import TrainConfig, train
+    set_cpu_threads(threads)
     Backend(device)  # fail early with a clear message if the GPU is not usable
     d = DEVICE_DEFAULTS[device]
     steps = d["steps"] if steps is None else steps
@@ -146,13 +155,16 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
               help="Grid PNG. [default: samples_<sampler>.png beside the checkpoint]")
 @click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 @friendly_errors
-def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device, weights, out_path, gif, quiet):
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device, weights, out_path, gif, quiet,
+               threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
-    from .backend import Backend, to_numpy
+    from .backend import Backend, set_cpu_threads, to_numpy
     from .checkpoint import load_checkpoint
     from .diffusion import Schedule, sample
     from .images import save_gif, save_grid, to_uint8
+    set_cpu_threads(threads)
     from .progress import Progress
     from .train import make_model
     digits = _parse_digits(digits)
@@ -198,8 +210,10 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 @friendly_errors
-def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_size, data_dir, json_path, quiet):
+def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_size, data_dir, json_path, quiet,
+                 threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits.
 
     Samples --per-digit images of every digit with the EMA weights; the shipped ViT classifier
@@ -208,13 +222,14 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     10,000 real training digits: the best a generator can hope for.
     """
     import json
-    from .backend import Backend
+    from .backend import Backend, set_cpu_threads
     from .checkpoint import load_checkpoint
     from .diffusion import Schedule
     from .evaluate import evaluate_model
     from .metrics import load_classifier, reference_stats
     from .progress import Progress
     from .train import make_model
+    set_cpu_threads(threads)
     ck = load_checkpoint(ckpt)
     backend = Backend(device, ck["config"].get("dtype", "float32"))
     per_digit = per_digit or (1000 if device == "gpu" else 300)
