@@ -42,13 +42,31 @@ class Schedule:
         s1 = xp.asarray(np.sqrt(1.0 - a), dtype=x0.dtype)[:, None, None, None]
         return sa * x0 + s1 * noise
 
-    def timesteps(self, steps):
-        """`steps` timesteps from T-1 down to 0, evenly spaced (integers, strictly decreasing)."""
+    def timesteps(self, steps, spacing="time"):
+        """`steps` integer timesteps from T-1 down to 0, strictly decreasing: evenly spaced in t
+        ("time"), or in lambda = log(alpha / sigma) ("logsnr", as DPM-Solver's authors advise, so
+        that consecutive steps are of similar size for the multistep formula)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be between 1 and {self.T}, got {steps}")
-        ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
-        assert np.all(np.diff(ts) < 0)
+        if spacing == "time" or steps < 3:
+            ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
+        else:
+            lam = 0.5 * np.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))     # decreasing in t
+            targets = np.linspace(lam[-1], lam[0], steps)
+            ts = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.int64)
+            ts = np.unique(ts)[::-1]                   # nearest timesteps, duplicates merged
+            if len(ts) < steps:                        # refill with the largest gaps' midpoints
+                ts = self._fill(ts, steps)
+        assert np.all(np.diff(ts) < 0) and ts[0] == self.T - 1 and ts[-1] == 0
         return ts
+
+    def _fill(self, ts, steps):
+        ts = list(ts)
+        while len(ts) < steps:
+            gaps = [ts[i] - ts[i + 1] for i in range(len(ts) - 1)]
+            i = int(np.argmax(gaps))
+            ts.insert(i + 1, (ts[i] + ts[i + 1]) // 2)
+        return np.array(ts, dtype=np.int64)
 
 
 def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0):
@@ -116,15 +134,14 @@ def sample(model, schedule, labels, rng, sampler="ddim", steps=50, guidance=1.0,
     `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
     """
     cfg = model.cfg
-    xp = xp_of(labels, model.decoder_pred.params["W"])
-    dtype = model.decoder_pred.params["W"].dtype
+    xp, dtype = xp_of(labels), model.dtype
     B = labels.shape[0]
     shape = (B, cfg.in_chans, cfg.img_size, cfg.img_size)
     x = xp.asarray(rng.standard_normal(shape), dtype=dtype)                     # x_T ~ N(0, I)
     if sampler == "ddpm":
         ts = np.arange(schedule.T - 1, -1, -1)
     elif sampler in ("ddim", "dpm++"):
-        ts = schedule.timesteps(steps)
+        ts = schedule.timesteps(steps, "logsnr" if sampler == "dpm++" else "time")
     else:
         raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpm++', got {sampler!r}")
     x0_prev, h_prev = None, None

@@ -136,6 +136,11 @@ class UViT(Module):
         self.decoder_pred = Linear(D, p * p * C, rng)
         self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
 
+    @property
+    def dtype(self):
+        """The parameters' float dtype (float32 for training, float64 for gradient checks)."""
+        return self.decoder_pred.params["W"].dtype
+
     def check_inputs(self, x, t, y):
         """Refuse wrong shapes and labels before any computation, naming what was expected."""
         c = self.cfg

@@ -1,0 +1,99 @@
+"""The DDPM schedule, forward process, loss and samplers, checked on cases with known answers."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tinyuvit.diffusion import Schedule, _x0_and_eps, guided_eps, sample
+from tinyuvit.model import UViTConfig
+
+
+def test_schedule_is_the_linear_ddpm_schedule():
+    s = Schedule()
+    assert s.betas[0] == 1e-4 and math.isclose(s.betas[-1], 0.02) and len(s.betas) == 1000
+    assert math.isclose(s.alphas_cumprod[0], 1 - 1e-4)
+    assert math.isclose(s.alphas_cumprod[2], (1 - s.betas[0]) * (1 - s.betas[1]) * (1 - s.betas[2]))
+    assert s.abar(-1) == 1.0 and s.alphas_cumprod.dtype == np.float64
+    for spacing in ("time", "logsnr"):
+        for n in (2, 10, 50, 1000):
+            ts = s.timesteps(n, spacing)
+            assert ts[0] == 999 and ts[-1] == 0 and len(ts) == n and np.all(np.diff(ts) < 0)
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        s.timesteps(0)
+
+
+def test_q_sample_has_the_closed_form_mean_and_variance():
+    s = Schedule()
+    rng = np.random.default_rng(0)
+    x0 = np.full((20000, 1, 2, 2), 0.5)
+    t = np.full(20000, 300)
+    xt = s.q_sample(x0, t, rng.standard_normal(x0.shape))
+    a = s.alphas_cumprod[300]
+    assert abs(xt.mean() - math.sqrt(a) * 0.5) < 0.01
+    assert abs(xt.var() - (1 - a)) < 0.01
+
+
+class GaussianOracle:
+    """The exact noise prediction for data x0 ~ N(mu, s^2) per pixel, whatever the label:
+    E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a)."""
+
+    def __init__(self, schedule, mu, s, size=4):
+        self.schedule, self.mu, self.s = schedule, mu, s
+        self.cfg = UViTConfig(img_size=size, patch_size=1, dim=2, num_heads=1, depth=1, num_classes=3)
+        self.dtype = np.float64
+
+    def forward(self, x, t, y):
+        a = self.schedule.abar(np.asarray(t))[:, None, None, None]
+        return np.sqrt(1 - a) * (x - np.sqrt(a) * self.mu) / (a * self.s ** 2 + 1 - a)
+
+
+def _draw(oracle, sampler, steps, n=256, clip=False, seed=1):
+    labels = np.zeros(n, dtype=np.int64)
+    return sample(oracle, oracle.schedule, labels, np.random.default_rng(seed), sampler=sampler,
+                  steps=steps, guidance=0.0, clip=clip)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 250), ("dpm++", 20), ("ddpm", None)])
+def test_samplers_reproduce_a_gaussian_data_distribution(sampler, steps):
+    oracle = GaussianOracle(Schedule(), mu=0.3, s=0.2)
+    x = _draw(oracle, sampler, steps or 1000, n=2000)
+    assert abs(x.mean() - 0.3) < 0.01 and abs(x.std() - 0.2) < 0.01
+
+
+def test_dpm_solver_is_closer_to_the_ode_solution_than_ddim_at_few_steps():
+    """Both integrate the same probability-flow ODE from the same noise; DPM-Solver++(2M) is
+    second order, DDIM first order, so at 10 steps it must land nearer the 1000-step answer."""
+    oracle = GaussianOracle(Schedule(), mu=0.3, s=0.2)
+    exact = _draw(oracle, "ddim", 1000)
+    err = {name: np.abs(_draw(oracle, name, 10) - exact).max() for name in ("ddim", "dpm++")}
+    assert err["dpm++"] < 0.5 * err["ddim"], err
+
+
+def test_clipping_recomputes_the_noise_from_the_clipped_x0():
+    a = 0.3
+    rng = np.random.default_rng(0)
+    x, eps = rng.standard_normal((2, 1, 1, 4, 4)) * 3
+    x0, eps2 = _x0_and_eps(x, eps, a, clip=True)
+    assert x0.min() >= -1 and x0.max() <= 1
+    np.testing.assert_allclose(math.sqrt(a) * x0 + math.sqrt(1 - a) * eps2, x, atol=1e-12)
+    x0u, epsu = _x0_and_eps(x, eps, a, clip=False)
+    np.testing.assert_array_equal(epsu, eps)
+
+
+def test_guidance_convention():
+    class Fake:
+        def forward(self, x, t, y):  # eps_c = y (the label), eps_u = 10 (null label)
+            return np.broadcast_to(y[:, None, None, None].astype(float), x.shape).copy()
+
+    x = np.zeros((2, 1, 2, 2))
+    y = np.array([1, 2])
+    np.testing.assert_array_equal(guided_eps(Fake(), x, 5, y, 0.0, 10)[:, 0, 0, 0], [1, 2])
+    # eps = eps_c + s (eps_c - eps_u) = 1 + 2 (1 - 10) = -17
+    np.testing.assert_array_equal(guided_eps(Fake(), x, 5, y, 2.0, 10)[:, 0, 0, 0], [-17, -14])
+
+
+def test_unknown_sampler_is_refused():
+    oracle = GaussianOracle(Schedule(), 0.0, 1.0)
+    with pytest.raises(ValueError, match="sampler must be"):
+        _draw(oracle, "euler", 10)
