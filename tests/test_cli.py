@@ -1,0 +1,39 @@
+"""The commands a newcomer runs first: --help everywhere, gradcheck, the walk-through example."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tinyuvit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("cmd", ["train-mnist", "sample", "evaluate", "gradcheck", "train-classifier"])
+def test_every_command_has_help(cmd):
+    r = CliRunner().invoke(main, [cmd, "--help"])
+    assert r.exit_code == 0 and "Usage:" in r.output and len(r.output.splitlines()) > 3
+
+
+def test_gradcheck_command_passes_and_prints_a_table():
+    r = CliRunner().invoke(main, ["gradcheck"])
+    assert r.exit_code == 0, r.output
+    for layer in ("Linear", "LayerNorm", "GELU", "Attention", "Conv3x3", "UViT"):
+        assert layer in r.output
+    assert "fail" not in r.output.replace("pass/fail", "")
+
+
+def test_walk_example_prints_every_stage(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    shared = ROOT.parent / "shared" / "data" / "mnist"
+    if shared.is_dir():  # full MNIST where it is at hand, so nothing tries the network
+        env["TINYUVIT_DATA"] = str(shared)
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "walk_uvit.py")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for stage in ("patch_embed", "[1, 49, 128]", "[1, 51, 128]", "out_blocks[0] (long skip from in_blocks[2])",
+                  "final_layer"):
+        assert stage in out.stdout
