@@ -8,7 +8,8 @@ import pytest
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend
 from tinyuvit.layers import Module
-from tinyuvit.vit import (SoftmaxCrossEntropy, ViT, ViTConfig, fit, lr_at, predict_logits,
+from tinyuvit.optim import lr_at
+from tinyuvit.vit import (SoftmaxCrossEntropy, ViT, ViTConfig, fit, predict_logits,
                           random_shift)
 
 FD_TOL, AG_TOL = 1e-6, 1e-10
@@ -127,7 +128,7 @@ def test_random_shift():
 
 
 def test_lr_schedule():
-    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    lrs = [lr_at(s, 1.0, 10, 100, "cosine") for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
 

@@ -15,9 +15,12 @@ class AdamW:
         p <- p - lr * (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay=None):
+        """`decay(name, array) -> bool` picks the parameters that get weight decay (default: all,
+        as U-ViT; the ViT classifier decays only its weight matrices)."""
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.decayed = {k for k, p in params.items() if decay is None or decay(k, p)}
         self.m = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
         self.v = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
         self.k = 0  # steps taken
@@ -30,7 +33,7 @@ class AdamW:
         for name, p in self.params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
             xp = xp_of(p)
-            if self.weight_decay:
+            if self.weight_decay and name in self.decayed:
                 p *= 1.0 - lr * self.weight_decay
             m *= b1
             m += (1.0 - b1) * g

@@ -38,6 +38,7 @@ import numpy as np
 
 from .backend import Backend, synchronize, to_numpy, xp_of
 from .layers import Block, LayerNorm, Linear, Module, PatchEmbed, PosEmbed
+from .optim import AdamW, lr_at
 from .progress import Progress
 
 
@@ -196,37 +197,6 @@ class SoftmaxCrossEntropy:
 # Training: AdamW with warmup + cosine decay, random shifts as augmentation
 # ----------------------------------------------------------------------------------------
 
-class _AdamW:
-    """Adam with decoupled weight decay (Loshchilov & Hutter), decay on matrices only."""
-
-    def __init__(self, model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8):
-        self.model, self.wd, (self.b1, self.b2), self.eps = model, weight_decay, betas, eps
-        self.state = {name: (m.params[k] * 0, m.params[k] * 0) for name, m, k in model.named_parameters()}
-        self.t = 0
-
-    def step(self, lr):
-        self.t += 1
-        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        for name, m, k in self.model.named_parameters():
-            p, g = m.params[k], m.grads[k]
-            mom, vel = self.state[name]
-            mom *= self.b1
-            mom += (1 - self.b1) * g
-            vel *= self.b2
-            vel += (1 - self.b2) * g * g
-            if p.ndim == 2 and self.wd:   # weight matrices; not biases, LayerNorm, tokens
-                p *= 1 - lr * self.wd
-            p -= (lr / c1) * mom / ((vel / c2) ** 0.5 + self.eps)
-
-
-def lr_at(step, total, lr, warmup):
-    """Linear warmup from 0 over `warmup` steps, then a cosine from lr down to 0."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * lr * (1 + math.cos(math.pi * t))
-
-
 def random_shift(x, max_shift, rng):
     """Shift each image [B, C, H, W] by up to `max_shift` px each way, filling with the background -1."""
     if max_shift <= 0:
@@ -266,7 +236,10 @@ def fit(model, train_x, train_y, steps, batch_size=128, lr=2e-3, weight_decay=0.
     xp, dtype = xp_of(model.head.params["W"]), model.head.params["W"].dtype
     rng = np.random.default_rng(seed + 1)          # batches and shifts (seed: the init)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    opt, loss_fn = _AdamW(model, weight_decay), SoftmaxCrossEntropy()
+    params = model.state_dict()
+    opt = AdamW(params, lr=lr, weight_decay=weight_decay,
+                decay=lambda name, p: p.ndim == 2)  # weight matrices; not biases, LayerNorm, tokens
+    loss_fn = SoftmaxCrossEntropy()
     N = len(train_x)
     order, pos = rng.permutation(N), 0
     run_loss = run_acc = None
@@ -282,7 +255,7 @@ def fit(model, train_x, train_y, steps, batch_size=128, lr=2e-3, weight_decay=0.
             logits = model(x)
             loss = float(loss_fn(logits, y))
             model.backward(loss_fn.backward())
-            opt.step(lr_at(step, steps, lr, warmup))
+            opt.step(model.grad_dict(), lr_at(step, lr, warmup, steps, "cosine"))
             acc = float((logits.argmax(-1) == y).mean())
             run_loss = loss if run_loss is None else 0.98 * run_loss + 0.02 * loss
             run_acc = acc if run_acc is None else 0.98 * run_acc + 0.02 * acc
