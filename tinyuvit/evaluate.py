@@ -7,7 +7,7 @@ from .diffusion import sample
 
 
 def sample_digits(model, schedule, per_digit, sampler="ddim", steps=50, guidance=1.0, seed=0,
-                  batch_size=500, progress=None):
+                  batch_size=250, progress=None):
     """per_digit samples of each digit 0..9 -> (images float32 [10 n, 1, 28, 28] on the host, labels)."""
     xp = xp_of(model.decoder_pred.params["W"])
     labels = np.repeat(np.arange(10), per_digit)
@@ -23,7 +23,7 @@ def sample_digits(model, schedule, per_digit, sampler="ddim", steps=50, guidance
 
 
 def evaluate_model(model, schedule, per_digit=100, sampler="ddim", steps=50, guidance=1.0, seed=0,
-                   batch_size=500, classifier=None, reference=None, data_dir=None, progress=None):
+                   batch_size=250, classifier=None, reference=None, data_dir=None, progress=None):
     """dict(class_accuracy, fid, fid_floor, n, sampler, steps, guidance) for `model`'s samples."""
     from .metrics import evaluate_images
     images, labels = sample_digits(model, schedule, per_digit, sampler, steps, guidance, seed,
