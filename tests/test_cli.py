@@ -37,3 +37,16 @@ def test_walk_example_prints_every_stage(tmp_path):
     for stage in ("patch_embed", "[1, 49, 128]", "[1, 51, 128]", "out_blocks[0] (long skip from in_blocks[2])",
                   "final_layer"):
         assert stage in out.stdout
+
+
+def test_progress_bar_off_a_terminal_prints_plain_lines_once_each():
+    import io
+
+    from tinyuvit.progress import Progress
+    out = io.StringIO()
+    with Progress(4, "train", unit="step", stream=out, log_every=0) as bar:
+        for _ in range(4):
+            bar.update(1, loss="0.5")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("train |" + "#" * 24 + "| 4/4 loss 0.5")
+    assert "\r" not in out.getvalue()

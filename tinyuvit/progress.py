@@ -27,6 +27,7 @@ class Progress:
         self.n = self.initial = initial
         self.start = self.last = time.perf_counter()
         self.fields = {}
+        self.drawn = None  # the count shown by the last draw
 
     def __enter__(self):
         return self
@@ -47,6 +48,7 @@ class Progress:
         return (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def _draw(self, now):
+        self.drawn = self.n
         elapsed = now - self.start
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         extra = " ".join(f"{k} {v}" for k, v in self.fields.items())
@@ -69,7 +71,8 @@ class Progress:
     def close(self):
         if self.disable:
             return
-        self._draw(time.perf_counter())
+        if self.drawn != self.n:
+            self._draw(time.perf_counter())
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
