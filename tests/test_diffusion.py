@@ -1,6 +1,5 @@
 """The DDPM schedule, forward process, loss and samplers, checked on cases with known answers."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Metrics: the Frechet distance against closed forms, and the shipped classifier on real digits."""
-import os
 from pathlib import Path
 
 import numpy as np

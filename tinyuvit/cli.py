@@ -46,6 +46,19 @@ def threads_option(fn):
                              "cores busy, --threads 1 can be several times faster.")(fn)
 
 
+def _load_run(ckpt, device, weights="ema"):
+    """(checkpoint dict, backend, model with the run's EMA or raw weights, schedule)."""
+    from .backend import Backend
+    from .checkpoint import load_checkpoint
+    from .diffusion import Schedule
+    from .train import make_model
+    ck = load_checkpoint(ckpt)
+    backend = Backend(device, ck["config"].get("dtype", "float32"))
+    model = make_model(ck["config"]["model"], backend)
+    model.load_state_dict({k: backend.asarray(v) for k, v in ck["ema" if weights == "ema" else "params"].items()})
+    return ck, backend, model, Schedule(ck["config"].get("T", 1000))
+
+
 def _parse_digits(text):
     if text.strip().lower() == "all":
         return list(range(10))
@@ -160,31 +173,26 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device, weights, out_path, gif, quiet,
                threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
-    from .backend import Backend, set_cpu_threads, to_numpy
-    from .checkpoint import load_checkpoint
-    from .diffusion import Schedule, sample
-    from .images import save_gif, save_grid, to_uint8
-    set_cpu_threads(threads)
+    from .backend import set_cpu_threads
+    from .data import from_model_range
+    from .diffusion import sample
+    from .images import save_gif, save_grid
     from .progress import Progress
-    from .train import make_model
+    set_cpu_threads(threads)
     digits = _parse_digits(digits)
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
-    ck = load_checkpoint(ckpt)
-    backend = Backend(device, ck["config"].get("dtype", "float32"))
-    model = make_model(ck["config"]["model"], backend)
-    model.load_state_dict({k: backend.asarray(v) for k, v in ck["ema" if weights == "ema" else "params"].items()})
-    schedule = Schedule(ck["config"].get("T", 1000))
+    ck, backend, model, schedule = _load_run(ckpt, device, weights)
     labels = backend.xp.asarray(np.repeat(digits, count))
     out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples_{sampler}.png")
     frames = []
     n_steps = schedule.T if sampler == "ddpm" else steps
     every = max(1, n_steps // 40)
-    record = (lambda i, x, x0: frames.append(to_uint8(to_numpy(x))) if (i % every == 0 or i == n_steps - 1) else None) if gif else None
+    record = (lambda i, x, x0: frames.append(from_model_range(x)) if (i % every == 0 or i == n_steps - 1) else None) if gif else None
     with Progress(n_steps, f"sampling {len(labels)} digits ({sampler})", unit="step", disable=quiet) as bar:
         x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=sampler, steps=steps,
                    guidance=guidance, eta=eta, callback=record, progress=bar)
-    imgs = to_uint8(to_numpy(x))
+    imgs = from_model_range(x)
     # one row per digit: `count` columns (at most 20 per row, wrapping)
     save_grid(imgs, out_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
     click.echo(f"wrote {out_path} (step {ck['step']} checkpoint, {sampler}, {n_steps} steps, guidance {guidance})", err=True)
@@ -223,25 +231,19 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     10,000 real training digits: the best a generator can hope for.
     """
     import json
-    from .backend import Backend, set_cpu_threads
-    from .checkpoint import load_checkpoint
-    from .diffusion import Schedule
+    from .backend import set_cpu_threads
     from .evaluate import evaluate_model
     from .metrics import load_classifier, reference_stats
     from .progress import Progress
-    from .train import make_model
     set_cpu_threads(threads)
-    ck = load_checkpoint(ckpt)
-    backend = Backend(device, ck["config"].get("dtype", "float32"))
     per_digit = per_digit or (1000 if device == "gpu" else 300)
     if per_digit < 2:
         raise ValueError(f"--per-digit must be >= 2 (a covariance needs several samples), got {per_digit}")
-    model = make_model(ck["config"]["model"], backend)
-    model.load_state_dict({k: backend.asarray(v) for k, v in ck["ema"].items()})
+    ck, backend, model, schedule = _load_run(ckpt, device)
     classifier = load_classifier(backend=backend)
     reference = reference_stats(classifier, data_dir=data_dir)
     with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
-        res = evaluate_model(model, Schedule(ck["config"].get("T", 1000)), per_digit, sampler, steps, guidance,
+        res = evaluate_model(model, schedule, per_digit, sampler, steps, guidance,
                              seed, batch_size, classifier, reference, progress=bar)
     res["checkpoint_step"] = ck["step"]
     # FID falls with the number of samples: the floor at the same n is the like-for-like bound

@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+from .data import from_model_range
+
 
 def _atomic_save(save, path):
     """Write through `save(tmp_path)` then rename, so a reader never sees half a file."""
@@ -12,13 +14,6 @@ def _atomic_save(save, path):
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     save(tmp)
     os.replace(tmp, path)
-
-
-def to_uint8(x):
-    """Model-range images [N, 1, H, W] in [-1, 1] -> uint8 [N, H, W]."""
-    x = np.asarray(x, dtype=np.float32)
-    x = x.reshape(x.shape[0], x.shape[-2], x.shape[-1])
-    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def grid(images, nrow, pad=2, scale=2):
@@ -36,14 +31,14 @@ def save_grid(images, path, nrow=10, scale=2):
     """Save uint8 [N, H, W] (or model-range floats) as a PNG grid."""
     from PIL import Image
     if images.dtype != np.uint8:
-        images = to_uint8(images)
+        images = from_model_range(images)
     _atomic_save(lambda p: Image.fromarray(grid(images, nrow, scale=scale)).save(p), path)
 
 
 def save_gif(frames, path, nrow=10, scale=2, duration_ms=60, hold_ms=1500):
     """Frames: a list of uint8 [N, H, W] stacks -> an animated GIF of grids; the last frame lingers."""
     from PIL import Image
-    pics = [Image.fromarray(grid(f if f.dtype == np.uint8 else to_uint8(f), nrow, scale=scale)) for f in frames]
+    pics = [Image.fromarray(grid(f if f.dtype == np.uint8 else from_model_range(f), nrow, scale=scale)) for f in frames]
     durations = [duration_ms] * (len(pics) - 1) + [hold_ms]
     _atomic_save(lambda p: pics[0].save(p, save_all=True, append_images=pics[1:], duration=durations, loop=0), path)
 

@@ -136,8 +136,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # ----------------------------------------------------------------------------------------
 
 def _cache_dir():
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "tinyuvit"
+    from .data import cache_dir
+    return cache_dir().parent  # ~/.cache/tinyuvit (the MNIST files live in its mnist/)
 
 
 def _classifier_hash(model):

@@ -222,7 +222,8 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
         from .data import load_mnist
         images, labels, source = load_mnist("train", data_dir=data_dir, quiet=not progress)
         log(f"data: {source}, {len(images)} training digits")
-    x_all = backend.asarray((images.astype(np.float32) / 127.5 - 1.0)[:, None])  # [N, 1, 28, 28]
+    from .data import to_model_range
+    x_all = backend.asarray(to_model_range(images))                     # [N, 1, 28, 28] in [-1, 1]
     y_all = np.asarray(labels, dtype=np.int64)
     n = len(images)
 

@@ -29,7 +29,6 @@ Patch 7 beat patch 4 for a fixed CPU budget: patch 4, dim 64, depth 4 (3x the to
 only 98.73% after 12 epochs (14 min).
 """
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
