@@ -111,6 +111,26 @@ def test_gelu_matches_math_erf():
     np.testing.assert_allclose(GELU()(x), want, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_erf_matches_scipy(threads):
+    # float32 erf is a rational approximation (backend.py); float64 stays scipy's.
+    import scipy.special
+    from tinyuvit import backend
+    x = np.concatenate([np.linspace(-12, 12, 300001), [0.0, -0.0, 4.0, -4.0]]).astype(np.float32)
+    old = backend._THREADS
+    try:
+        backend._THREADS, backend._POOL = threads, None   # 300k values: split across threads
+        got = backend.erf(x)
+    finally:
+        backend._THREADS, backend._POOL = old, None
+    assert got.dtype == np.float32
+    want = scipy.special.erf(x.astype(np.float64))
+    assert np.abs(got - want).max() < 5e-7
+    assert np.all(np.sign(got) == np.sign(x))                 # odd, erf(0) = 0
+    assert np.all(np.diff(got[:300001]) >= -1e-6)             # increasing, up to the error above
+    assert np.isnan(backend.erf(np.float32([np.nan]))).all()
+
+
 @pytest.mark.parametrize("c_in,c_out", [(1, 1), (2, 3)])
 def test_conv3x3_matches_scipy_correlate2d(c_in, c_out):
     conv = gc.randomize(Conv3x3(c_in, c_out, np.random.default_rng(0)), np.random.default_rng(1))

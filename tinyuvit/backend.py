@@ -75,7 +75,10 @@ def xp_of(*arrays):
 
 
 def erf(x):
-    """The error function on whichever backend owns `x` (NumPy itself has none)."""
+    """The error function on whichever backend owns `x` (NumPy itself has none).
+
+    NumPy float64 (gradient checks) uses scipy's erf. NumPy float32 (training) uses
+    `_erf_rational`, within 4e-7 of it and ~3x faster; both are split across the CPU threads."""
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
@@ -84,20 +87,43 @@ def erf(x):
         return autograd.scipy.special.erf(x)
     import scipy.special
     x = np.asarray(x)
+    f = _erf_rational if x.dtype == np.float32 else scipy.special.erf
     if x.size < _SPLIT_MIN or _threads() < 2:
-        return scipy.special.erf(x)
-    # scipy's float32 erf is scalar code (~40x slower than np.exp) and single-threaded: split
-    # the array across the cores (ufuncs release the GIL); the values are the same, elementwise.
+        return f(x)
+    # Elementwise work runs on one core while BLAS uses them all: split the array across the
+    # cores (ufuncs release the GIL); the values are the same as in one piece.
     out = np.empty_like(x, dtype=np.result_type(x.dtype, np.float32))
     flat_x, flat_out = x.reshape(-1), out.reshape(-1)
     n = _threads()
     bounds = [len(flat_x) * i // n for i in range(n + 1)]
-    jobs = [_pool().submit(scipy.special.erf, flat_x[a:b], out=flat_out[a:b])
+    jobs = [_pool().submit(f, flat_x[a:b], out=flat_out[a:b])
             for a, b in zip(bounds[1:-1], bounds[2:])]
-    scipy.special.erf(flat_x[:bounds[1]], out=flat_out[:bounds[1]])
+    f(flat_x[:bounds[1]], out=flat_out[:bounds[1]])
     for j in jobs:
         j.result()
     return out
+
+
+# erf(x) ~ x P(x^2) / Q(x^2) on |x| <= 4 (|erf| > 1 - 2e-8 beyond, so x is clipped there).
+# The degree-5 / degree-5 coefficients were fitted by weighted least squares (Lawson's
+# iteration towards minimax) to scipy's erf on 20,001 points: max error 2e-8 in float64,
+# 4e-7 when evaluated in float32 (tests/test_layers.py checks it). scipy's float32 erf is
+# scalar code, ~25x slower than np.exp; these are a dozen vectorized multiply-adds.
+_ERF_P = (1.12837898e+00, 1.96249222e-01, 5.34675090e-02, 4.00365776e-03, 2.88041923e-04,
+          1.97482983e-06)
+_ERF_Q = (1.0, 5.07252503e-01, 1.16476527e-01, 1.54444430e-02, 1.21636339e-03, 3.74808893e-05)
+
+
+def _erf_rational(x, out=None):
+    """float32 erf by the rational approximation above."""
+    x = np.clip(x, -4.0, 4.0, dtype=np.float32)
+    s = x * x
+    p, q = np.float32(_ERF_P[-1]), np.float32(_ERF_Q[-1])
+    for a in _ERF_P[-2::-1]:          # Horner: ((p5 s + p4) s + ...) + p0
+        p = p * s + np.float32(a)
+    for a in _ERF_Q[-2::-1]:
+        q = q * s + np.float32(a)
+    return np.divide(x * p, q, out=out)
 
 
 _SPLIT_MIN = 1 << 16
