@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 
 from .backend import to_numpy
+from .files import atomic_write
 
 
 class CheckpointError(ValueError):
@@ -26,14 +27,7 @@ def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config):
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["opt_k"] = np.array(opt_k, dtype=np.int64)
     arrays["config"] = np.array(json.dumps(config, sort_keys=True))
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file stays whole until here
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # the old checkpoint stays whole until done
 
 
 def load_checkpoint(path):

@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.request
 import zlib
 from functools import lru_cache
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .files import atomic_write
 from .progress import Progress
 
 # SHA-256 of the decompressed files (a mirror's .gz may differ byte-wise, its content may not).
@@ -181,23 +181,6 @@ def _fetch(url, timeout, quiet):
     return data
 
 
-def _write_atomic(path, data):
-    """Write data to path via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _download_one(name, dest, mirrors, timeout, quiet):
     """Fetch name.gz from the first mirror whose copy decompresses to the right bytes."""
     problems = []
@@ -211,7 +194,7 @@ def _download_one(name, dest, mirrors, timeout, quiet):
         if problem:
             problems.append(f"{url}: {problem}")
             continue
-        _write_atomic(dest / (name + ".gz"), blob)
+        atomic_write(dest / (name + ".gz"), lambda f: f.write(blob))
         return
     raise DownloadError(f"could not download {name}.gz: " + "; ".join(problems or ["no mirrors"]))
 

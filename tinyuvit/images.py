@@ -1,19 +1,9 @@
 """Pictures: sample grids (PNG), denoising animations (GIF) and loss curves (PNG)."""
-import os
 
 import numpy as np
 
 from .data import from_model_range
-
-
-def _atomic_save(save, path):
-    """Write through `save(tmp_path)` then rename, so a reader never sees half a file."""
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    save(tmp)
-    os.replace(tmp, path)
+from .files import atomic_write
 
 
 def grid(images, nrow, pad=2, scale=2):
@@ -32,7 +22,7 @@ def save_grid(images, path, nrow=10, scale=2):
     from PIL import Image
     if images.dtype != np.uint8:
         images = from_model_range(images)
-    _atomic_save(lambda p: Image.fromarray(grid(images, nrow, scale=scale)).save(p), path)
+    atomic_write(path, lambda f: Image.fromarray(grid(images, nrow, scale=scale)).save(f, format="PNG"))
 
 
 def save_gif(frames, path, nrow=10, scale=2, duration_ms=60, hold_ms=1500):
@@ -40,7 +30,8 @@ def save_gif(frames, path, nrow=10, scale=2, duration_ms=60, hold_ms=1500):
     from PIL import Image
     pics = [Image.fromarray(grid(f if f.dtype == np.uint8 else from_model_range(f), nrow, scale=scale)) for f in frames]
     durations = [duration_ms] * (len(pics) - 1) + [hold_ms]
-    _atomic_save(lambda p: pics[0].save(p, save_all=True, append_images=pics[1:], duration=durations, loop=0), path)
+    atomic_write(path, lambda f: pics[0].save(f, format="GIF", save_all=True, append_images=pics[1:],
+                                          duration=durations, loop=0))
 
 
 def plot_curves(path, series, xlabel="step", title=None, logy=True):
@@ -59,5 +50,5 @@ def plot_curves(path, series, xlabel="step", title=None, logy=True):
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    _atomic_save(lambda p: fig.savefig(p), path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -11,7 +11,6 @@
 """
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from .backend import Backend, to_numpy, xp_of
+from .files import atomic_write
 from .vit import ViT
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "classifier.npz"
@@ -181,11 +181,7 @@ def reference_stats(model=None, data_dir=None, cache=True, floor_n=10000, batch_
     path = _cache_path(model, "subset" if "subset" in source else "full", floor_n)
     if cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, **stats)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: np.savez(f, **stats))
         except OSError:  # a read-only home: fine, just not cached
             pass
     return stats

@@ -31,11 +31,11 @@ only 98.73% after 12 epochs (14 min).
 import json
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
 from .backend import Backend, synchronize, to_numpy, xp_of
+from .files import atomic_write
 from .layers import Block, LayerNorm, Linear, Module, PatchEmbed, PosEmbed
 from .optim import AdamW, lr_at
 from .progress import Progress
@@ -148,10 +148,7 @@ class ViT(Module):
         arrays["config"] = np.array(json.dumps(self.cfg.to_dict()))
         if meta is not None:
             arrays["meta"] = np.array(json.dumps(meta))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-            np.savez_compressed(f, **arrays)
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))  # a file object: no ".npz" added
 
     @classmethod
     def load(cls, path, backend=None):
