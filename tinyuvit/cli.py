@@ -107,9 +107,9 @@ def _parse_digits(text):
               help="Save a 10x10 sample grid every N steps (0 = only at the end).")
 @click.option("--save-every", type=int, default=250, show_default=True,
               help="Save the checkpoint every N steps (0 = only at the end).")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True,
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
               help="Sampler for the grids.")
-@click.option("--sample-steps", type=int, default=50, show_default=True, help="Sampler steps for the grids.")
+@click.option("--sample-steps", type=int, default=20, show_default=True, help="Sampler steps for the grids.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
 @click.option("--eval-every", type=int, default=0, show_default=True,
@@ -154,9 +154,9 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
 @click.option("--digits", default="all", show_default=True, help="Which digits: 'all' or e.g. 3,7.")
 @click.option("--count", type=int, default=10, show_default=True, help="Images per digit (one row each).")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True,
-              help="ddim (any steps), dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddpm (1000 steps).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps (ddpm always uses 1000).")
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
+              help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always uses 1000).")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
@@ -207,8 +207,9 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
 @click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
 @click.option("--per-digit", type=int, default=None,
               help="Samples per digit. [default: 300 on cpu (3,000 in all), 1000 on gpu (10,000)]")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps (ddpm always 1000).")
+@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
+              help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always 1000).")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u).")
 @click.option("--seed", type=int, default=0, show_default=True)

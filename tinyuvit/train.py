@@ -53,8 +53,8 @@ class TrainConfig:
     # previews and saving (may change on resume)
     sample_every: int = 500
     save_every: int = 250
-    sampler: str = "ddim"
-    sample_steps: int = 50
+    sampler: str = "dpm++"
+    sample_steps: int = 20
     guidance: float = 1.0
     eval_every: int = 0                # class accuracy and FID every N steps (0 = never)
     eval_per_digit: int = 100
