@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tinyuvit.diffusion import Schedule, _x0_and_eps, guided_eps, sample
+from tinyuvit.diffusion import Schedule, _x0_and_eps, diffusion_loss, guided_eps, sample
 from tinyuvit.model import UViTConfig
 
 
@@ -47,10 +47,63 @@ class GaussianOracle:
         return np.sqrt(1 - a) * (x - np.sqrt(a) * self.mu) / (a * self.s ** 2 + 1 - a)
 
 
-def _draw(oracle, sampler, steps, n=256, clip=False, seed=1):
+class VelocityOracle(GaussianOracle):
+    """The same exact model, answering with v = sqrt(a) eps - sqrt(1 - a) x0 instead of eps."""
+
+    def forward(self, x, t, y):
+        a = self.schedule.abar(np.asarray(t))[:, None, None, None]
+        eps = super().forward(x, t, y)
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        return np.sqrt(a) * eps - np.sqrt(1 - a) * x0
+
+
+def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
     labels = np.zeros(n, dtype=np.int64)
     return sample(oracle, oracle.schedule, labels, np.random.default_rng(seed), sampler=sampler,
-                  steps=steps, guidance=0.0, clip=clip)
+                  steps=steps, guidance=0.0, clip=clip, prediction=prediction)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
+def test_v_prediction_samples_the_same_as_eps_prediction(sampler):
+    """An eps network and a v network that agree on x0 must give the same samples."""
+    eps_model, v_model = GaussianOracle(Schedule(), 0.3, 0.2), VelocityOracle(Schedule(), 0.3, 0.2)
+    for clip in (False, True):
+        a = _draw(eps_model, sampler, 20, n=64, clip=clip)
+        b = _draw(v_model, sampler, 20, n=64, clip=clip, prediction="v")
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="prediction must be"):
+        _draw(v_model, sampler, 20, prediction="x0")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_targets_and_min_snr_weights(prediction):
+    """A network that outputs the exact target has loss 0; one that is off by 1 everywhere pays
+    the Min-SNR weight: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v."""
+    sched = Schedule()
+    x0 = np.random.default_rng(0).uniform(-1, 1, (64, 1, 4, 4))
+    y = np.zeros(64, dtype=np.int64)
+
+    class Exact:  # replays the loss's own draws (same seed) to know t and the noise
+        offset = 0.0
+
+        def forward(self, xt, t, labels):
+            r = np.random.default_rng(7)
+            t_ = r.integers(0, sched.T, size=64)
+            noise = r.standard_normal(x0.shape, dtype=np.float32).astype(np.float64)
+            assert np.array_equal(t_, t)
+            a = sched.abar(t)[:, None, None, None]
+            target = noise if prediction == "eps" else np.sqrt(a) * noise - np.sqrt(1 - a) * x0
+            return target + self.offset
+
+    m = Exact()
+    loss, d = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction)
+    assert loss < 1e-12 and np.abs(d).max() < 1e-12
+    m.offset = 1.0
+    loss, _ = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction)
+    a = sched.abar(np.random.default_rng(7).integers(0, sched.T, size=64))
+    snr = a / (1 - a)
+    w = np.minimum(snr, 5.0) / (snr if prediction == "eps" else snr + 1)
+    assert math.isclose(loss, w.mean(), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 250), ("dpm++", 20), ("ddpm", None)])

@@ -91,6 +91,9 @@ def _parse_digits(text):
               help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True,
               help="Min-SNR loss weighting min(SNR_t, gamma)/SNR_t (0 = plain MSE, as DDPM).")
+@click.option("--prediction", type=click.Choice(["eps", "v"]), default="eps", show_default=True,
+              help="What the network predicts: the noise eps (U-ViT, DDPM) or the velocity "
+                   "v = sqrt(abar) eps - sqrt(1 - abar) x0 (better conditioned at high noise).")
 @click.option("--p-uncond", type=float, default=0.1, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -120,9 +123,9 @@ def _parse_digits(text):
 @threads_option
 @friendly_errors
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                ema_warmup, snr_gamma, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
+                ema_warmup, snr_gamma, prediction, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
                 sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet, threads):
-    """Train a class-conditional U-ViT on MNIST with DDPM (epsilon prediction).
+    """Train a class-conditional U-ViT on MNIST with DDPM (eps or v prediction).
 
     Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
     digit) and checkpoint.npz. Ctrl-C saves a checkpoint; --resume continues from it.
@@ -137,7 +140,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                      snr_gamma=snr_gamma, p_uncond=p_uncond, seed=seed, dtype=dtype,
+                      snr_gamma=snr_gamma, prediction=prediction, p_uncond=p_uncond, seed=seed, dtype=dtype,
                       sample_every=sample_every, save_every=save_every, sampler=sampler,
                       sample_steps=sample_steps, guidance=guidance, eval_every=eval_every,
                       eval_per_digit=eval_per_digit)
@@ -191,7 +194,8 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
     record = (lambda i, x, x0: frames.append(from_model_range(x)) if (i % every == 0 or i == n_steps - 1) else None) if gif else None
     with Progress(n_steps, f"sampling {len(labels)} digits ({sampler})", unit="step", disable=quiet) as bar:
         x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=sampler, steps=steps,
-                   guidance=guidance, eta=eta, callback=record, progress=bar)
+                   guidance=guidance, eta=eta, callback=record, progress=bar,
+                   prediction=ck["config"].get("prediction", "eps"))
     imgs = from_model_range(x)
     # one row per digit: `count` columns (at most 20 per row, wrapping)
     save_grid(imgs, out_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
@@ -245,7 +249,8 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     reference = reference_stats(classifier, data_dir=data_dir)
     with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
         res = evaluate_model(model, schedule, per_digit, sampler, steps, guidance,
-                             seed, batch_size, classifier, reference, progress=bar)
+                             seed, batch_size, classifier, reference, progress=bar,
+                             prediction=ck["config"].get("prediction", "eps"))
     res["checkpoint_step"] = ck["step"]
     # FID falls with the number of samples: the floor at the same n is the like-for-like bound
     res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])

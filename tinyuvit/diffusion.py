@@ -9,6 +9,12 @@ Guidance convention (as U-ViT's code): eps = eps_c + s * (eps_c - eps_u), with e
 prediction for the null label. s = 0 is the plain conditional model; s = 1 doubles the step
 away from the unconditional prediction. (In the other common convention, w = 1 + s.)
 
+What the network predicts: the noise eps (U-ViT, DDPM; `prediction="eps"`), or the velocity
+v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; `prediction="v"`). Both give the
+same x0 and eps (`_x0_and_eps`); v is better conditioned at high noise, where an eps
+network must be very precise because x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies
+its errors by 1/sqrt(abar) (about 6x at t = 700, 150x at t = 999).
+
 Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise from the
 clipped x0, so the update stays consistent with the x0 it uses.
 """
@@ -69,14 +75,20 @@ class Schedule:
         return np.array(ts, dtype=np.int64)
 
 
-def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0):
-    """Epsilon-prediction MSE on a batch; returns (loss, dL/d(eps_pred)) and leaves the model
-    ready for `model.backward`. `rng` is a NumPy Generator: all randomness is drawn on the host
-    so that runs are reproducible on any backend.
+PREDICTIONS = ("eps", "v")
 
-    snr_gamma > 0 weights each image's MSE by min(SNR_t, gamma) / SNR_t, SNR_t = abar/(1 - abar)
-    (Min-SNR weighting, Hang et al. 2023): nearly clean timesteps, whose noise is hard to guess
-    and matters little for the samples, count less. 0 = the plain mean (Ho et al.).
+
+def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0,
+                   prediction="eps"):
+    """MSE of the network's eps (or v) on a batch; returns (loss, dL/d(output)) and leaves the
+    model ready for `model.backward`. `rng` is a NumPy Generator: all randomness is drawn on the
+    host so that runs are reproducible on any backend.
+
+    snr_gamma > 0 weights each image's MSE by min(SNR_t, gamma) / SNR_t for eps, and by
+    min(SNR_t, gamma) / (SNR_t + 1) for v, SNR_t = abar/(1 - abar) (Min-SNR weighting, Hang et
+    al. 2023). In x0 terms both are min(SNR_t, gamma) |x0_pred - x0|^2: nearly clean timesteps,
+    whose noise is hard to guess and matters little for the samples, count less.
+    0 = the plain mean (Ho et al.).
     """
     xp = xp_of(x0)
     B = x0.shape[0]
@@ -86,11 +98,19 @@ def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, sn
     y = np.where(drop, num_classes, np.asarray(y))                              # null label
     xt = schedule.q_sample(x0, t, noise)
     pred = model.forward(xt, xp.asarray(t), xp.asarray(y))                      # [B, C, H, W]
-    diff = pred - noise
+    a = schedule.abar(t)                                                        # [B] float64
+    if prediction == "eps":
+        target = noise
+    elif prediction == "v":
+        sa, s1 = (xp.asarray(c, dtype=x0.dtype)[:, None, None, None] for c in (np.sqrt(a), np.sqrt(1 - a)))
+        target = sa * noise - s1 * x0                                           # v
+    else:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    diff = pred - target
     if snr_gamma > 0:
-        a = schedule.abar(t)
         snr = a / (1.0 - a)
-        w = xp.asarray(np.minimum(snr, snr_gamma) / snr, dtype=x0.dtype)[:, None, None, None]
+        w = np.minimum(snr, snr_gamma) / (snr if prediction == "eps" else snr + 1.0)
+        w = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]
     else:
         w = 1.0
     loss = float((w * diff * diff).mean())
@@ -103,7 +123,8 @@ def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, sn
 # ----------------------------------------------------------------------------------------
 
 def guided_eps(model, x, t, y, guidance, null_label):
-    """eps = eps_c + s (eps_c - eps_u); one forward on the doubled batch when s != 0."""
+    """eps = eps_c + s (eps_c - eps_u); one forward on the doubled batch when s != 0.
+    (For a v network this combines v the same way, which is the same guidance: eps is affine in v.)"""
     xp = xp_of(x)
     B = x.shape[0]
     tt = xp.full((B,), int(t), dtype=np.int64)
@@ -115,10 +136,15 @@ def guided_eps(model, x, t, y, guidance, null_label):
     return eps_c + guidance * (eps_c - eps_u)
 
 
-def _x0_and_eps(x, eps, abar, clip):
-    """Predicted x0 from (x_t, eps); if clipped, the noise consistent with the clipped x0."""
+def _x0_and_eps(x, out, abar, clip, prediction="eps"):
+    """Predicted x0 and eps from x_t and the network's output (eps or v); if clipped, the
+    noise consistent with the clipped x0."""
     sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
-    x0 = (x - s1 * eps) * (1.0 / sa)
+    if prediction == "v":   # x_t = sa x0 + s1 eps and v = sa eps - s1 x0, sa^2 + s1^2 = 1
+        x0, eps = sa * x - s1 * out, s1 * x + sa * out
+    else:
+        eps = out
+        x0 = (x - s1 * eps) * (1.0 / sa)
     if clip:
         x0 = xp_of(x0).clip(x0, -1.0, 1.0)
         eps = (x - sa * x0) * (1.0 / s1)
@@ -126,13 +152,16 @@ def _x0_and_eps(x, eps, abar, clip):
 
 
 def sample(model, schedule, labels, rng, sampler="ddim", steps=50, guidance=1.0, eta=0.0,
-           clip=True, callback=None, progress=None):
+           clip=True, callback=None, progress=None, prediction="eps"):
     """Draw images for `labels` ([B] ints on the model's backend). Returns x0 [B, C, H, W].
 
     sampler: "ddpm" (ancestral, visits all T steps; `steps` is ignored), "ddim" (any number of
     steps, eta = 0 deterministic), or "dpm++" (DPM-Solver++(2M), a multistep ODE solver).
     `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
+    `prediction`: what the network outputs, "eps" or "v" (as it was trained).
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     cfg = model.cfg
     xp, dtype = xp_of(labels), model.dtype
     B = labels.shape[0]
@@ -148,8 +177,8 @@ def sample(model, schedule, labels, rng, sampler="ddim", steps=50, guidance=1.0,
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
         a, a_next = float(schedule.abar(t)), float(schedule.abar(t_next))
-        eps = guided_eps(model, x, t, labels, guidance, cfg.num_classes)
-        x0, eps = _x0_and_eps(x, eps, a, clip)
+        out = guided_eps(model, x, t, labels, guidance, cfg.num_classes)
+        x0, eps = _x0_and_eps(x, out, a, clip, prediction)
         if sampler == "ddpm":
             x = _ddpm_step(x, x0, t, schedule, rng, xp, dtype)
         elif sampler == "ddim":

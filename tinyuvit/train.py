@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend import Backend, to_numpy, xp_of
 from .checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
-from .diffusion import Schedule, diffusion_loss, sample
+from .diffusion import PREDICTIONS, Schedule, diffusion_loss, sample
 from .images import plot_curves, save_grid
 from .model import UViT, UViTConfig, get_config
 from .optim import EMA, AdamW, clip_grad_norm, lr_at
@@ -46,6 +46,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
     snr_gamma: float = 5.0             # > 0: Min-SNR loss weighting min(SNR, gamma)/SNR; 0 = plain MSE
+    prediction: str = "eps"            # what the network predicts: "eps" (U-ViT) or "v"
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = 1000
     seed: int = 0
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
             (self.snr_gamma >= 0, f"SNR gamma must be >= 0 (0 = off), got {self.snr_gamma}"),
+            (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}"),
             (0 <= self.p_uncond < 1, f"label dropout must lie in [0, 1), got {self.p_uncond}"),
             (self.T >= 2, f"T must be >= 2, got {self.T}"),
             (self.sample_every >= 0 and self.save_every >= 0, "sample/save intervals must be >= 0 (0 = only at the end)"),
@@ -122,7 +124,7 @@ def preview_grid(model, schedule, cfg: TrainConfig, path, seed=1234):
     xp = xp_of(model.decoder_pred.params["W"])
     labels = xp.asarray(np.repeat(np.arange(10), 10))
     x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=cfg.sampler,
-               steps=cfg.sample_steps, guidance=cfg.guidance)
+               steps=cfg.sample_steps, guidance=cfg.guidance, prediction=cfg.prediction)
     save_grid(to_numpy(x), path, nrow=10)
 
 
@@ -199,7 +201,8 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
             raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}; "
                                   "start without --resume or point --out at the run folder")
         ck = load_checkpoint(ckpt_path)
-        diffs = config_differences(ck["config"], run_cfg, ignore=TrainConfig.RESUMABLE)
+        saved = {"prediction": "eps", **ck["config"]}  # runs from before the v option were eps runs
+        diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE)
         if diffs:
             named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in diffs)
             raise CheckpointError(f"cannot resume {ckpt_path}: the configuration differs in {named}; "
@@ -256,7 +259,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 rng = step_rng(cfg.seed, step)
                 idx = batch_indices(cfg.seed, step, cfg.batch_size, n)
                 loss, dpred = diffusion_loss(model, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
-                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma)
+                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma, cfg.prediction)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step}; the last good checkpoint "
@@ -321,7 +324,7 @@ class _Evaluator:
         from .evaluate import evaluate_model
         c = self.cfg
         res = evaluate_model(model, schedule, c.eval_per_digit, c.sampler, c.sample_steps, c.guidance,
-                             classifier=self.classifier, reference=self.reference)
+                             classifier=self.classifier, reference=self.reference, prediction=c.prediction)
         self.rows.append(dict(step=step, **res))
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
