@@ -203,7 +203,7 @@ def test_bad_input(change, message):
 @pytest.mark.parametrize("change,message", [
     (dict(patch_size=3), "patch_size 3 must divide img_size 8 (divisors: [1, 2, 4, 8])"),
     (dict(dim=10, num_heads=4), "dim 10 must be divisible by num_heads 4"),
-    (dict(depth=0), "depth must be an integer >= 1, got 0"),
+    (dict(depth=0), "depth must be a positive integer, got 0"),
     (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
     (dict(skip="mul"), "skip must be one of ('concat', 'add', 'none'), got 'mul'"),
 ])

@@ -42,6 +42,20 @@ CHOICES = {
 }
 
 
+def check_sizes(cfg, names):
+    """ValueError unless the named fields of a transformer config are positive integers, the
+    patch size divides the image size and the heads divide the width (used by UViT and ViT)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(f"patch_size {cfg.patch_size} must divide img_size {cfg.img_size} "
+                         f"(divisors: {[d for d in range(1, cfg.img_size + 1) if cfg.img_size % d == 0]})")
+    if cfg.dim % cfg.num_heads:
+        raise ValueError(f"dim {cfg.dim} must be divisible by num_heads {cfg.num_heads}")
+
+
 @dataclass(frozen=True)
 class UViTConfig:
     img_size: int = 28
@@ -59,18 +73,8 @@ class UViTConfig:
     pos_embed: str = "learned"
 
     def __post_init__(self):
-        for name in ("img_size", "in_chans", "patch_size", "dim", "num_heads", "mlp_ratio",
-                     "num_classes"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.depth, (int, np.integer)) or self.depth < 1:
-            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size} "
-                             f"(divisors: {[d for d in range(1, self.img_size + 1) if self.img_size % d == 0]})")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
+        check_sizes(self, ("img_size", "in_chans", "patch_size", "dim", "num_heads", "mlp_ratio",
+                           "num_classes", "depth"))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -37,6 +37,7 @@ import numpy as np
 from .backend import Backend, synchronize, to_numpy, xp_of
 from .files import atomic_write
 from .layers import Block, LayerNorm, Linear, Module, PatchEmbed, PosEmbed
+from .model import check_sizes
 from .optim import AdamW, lr_at
 from .progress import Progress
 
@@ -57,14 +58,7 @@ class ViTConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
+        check_sizes(self, [f.name for f in fields(self)])
 
     @property
     def num_patches(self):
