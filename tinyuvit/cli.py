@@ -9,7 +9,7 @@ import numpy as np
 # Defaults per device: what `tinyuvit train-mnist` does when not told otherwise.
 # cpu: sized to finish within 30 minutes on a 2-core laptop; gpu: a larger run of a few minutes.
 DEVICE_DEFAULTS = {
-    "cpu": dict(steps=2000, batch_size=128),
+    "cpu": dict(steps=5000, batch_size=64),
     "gpu": dict(steps=5000, batch_size=256),
 }
 
@@ -106,14 +106,14 @@ def _parse_digits(text):
 @click.option("--data-dir", type=click.Path(), default=None,
               help="Folder with the four MNIST IDX files (else $TINYUVIT_DATA, the cache, a download, "
                    "or the embedded subset).")
-@click.option("--sample-every", type=int, default=500, show_default=True,
+@click.option("--sample-every", type=int, default=1000, show_default=True,
               help="Save a 10x10 sample grid every N steps (0 = only at the end).")
 @click.option("--save-every", type=int, default=250, show_default=True,
               help="Save the checkpoint every N steps (0 = only at the end).")
 @click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
               help="Sampler for the grids.")
 @click.option("--sample-steps", type=int, default=20, show_default=True, help="Sampler steps for the grids.")
-@click.option("--guidance", type=float, default=1.0, show_default=True,
+@click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
 @click.option("--eval-every", type=int, default=0, show_default=True,
               help="Every N steps, score EMA samples (class accuracy, FID) into evals.jsonl and eval.png "
@@ -160,7 +160,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
               help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always uses 1000).")
-@click.option("--guidance", type=float, default=1.0, show_default=True,
+@click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -214,7 +214,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
 @click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
               help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always 1000).")
-@click.option("--guidance", type=float, default=1.0, show_default=True,
+@click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Guidance scale s in eps = eps_c + s (eps_c - eps_u).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)

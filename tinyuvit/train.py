@@ -52,11 +52,11 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     # previews and saving (may change on resume)
-    sample_every: int = 500
+    sample_every: int = 1000
     save_every: int = 250
     sampler: str = "dpm++"
     sample_steps: int = 20
-    guidance: float = 1.0
+    guidance: float = 2.0
     eval_every: int = 0                # class accuracy and FID every N steps (0 = never)
     eval_per_digit: int = 100
     model_overrides: dict = dataclasses.field(default_factory=dict)
