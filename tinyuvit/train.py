@@ -166,7 +166,7 @@ def _read_metrics(path, upto):
     return rows
 
 
-def plot_loss(rows, path, weighted=False):
+def plot_loss(rows, path, weighted=False, prediction="eps"):
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])
@@ -174,7 +174,8 @@ def plot_loss(rows, path, weighted=False):
     k = max(1, min(50, len(loss) // 20))
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     plot_curves(path, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
-                title="training loss (" + ("Min-SNR weighted " if weighted else "") + "epsilon MSE)")
+                title="training loss (" + ("Min-SNR weighted " if weighted else "") +
+                      {"eps": "epsilon", "v": "v"}[prediction] + " MSE)")
 
 
 def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, log=print,
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                     preview_grid(ema_model, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
                     plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"),
-                              cfg.snr_gamma > 0)
+                              cfg.snr_gamma > 0, cfg.prediction)
                 if evaluator and (step % cfg.eval_every == 0 or step == cfg.steps):
                     res = evaluator(ema_model, schedule, step)
                     log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
         log(f"stopped by Ctrl-C at step {step}; saved {ckpt_path}. Continue with --resume")
         return {"step": step, "stopped": True, "checkpoint": ckpt_path}
     rows = _read_metrics(metrics_path, step)
-    plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg.snr_gamma > 0)
+    plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg.snr_gamma > 0, cfg.prediction)
     final_grid = os.path.join(out_dir, "samples.png")
     if start < cfg.steps or not os.path.exists(final_grid):
         preview_grid(ema_model, schedule, cfg, final_grid)
