@@ -1,4 +1,5 @@
 import os
+import stat
 
 import pytest
 
@@ -11,6 +12,9 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write(path, lambda f: f.write(b"second"))
     assert path.read_bytes() == b"second"
     assert os.listdir(path.parent) == ["a.bin"]
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"")                      # what open() gives a new file
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):

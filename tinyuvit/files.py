@@ -16,6 +16,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes owner-only files; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -23,3 +24,10 @@ def atomic_write(path, write):
         except FileNotFoundError:
             pass
         raise
+
+
+def _default_mode():
+    """The permissions open() would give a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
