@@ -45,7 +45,7 @@ def main():
             with Progress(10 * args.per_digit, f"{name} step {ck['step']}", unit="img") as bar:
                 res = evaluate_model(model, schedule, args.per_digit, args.sampler, args.steps,
                                      args.guidance, classifier=classifier, reference=reference,
-                                     progress=bar, prediction=ck["config"].get("prediction", "eps"))
+                                     progress=bar, prediction=ck["config"]["prediction"])
             rows.setdefault(name, []).append(dict(step=int(ck["step"]), checkpoint=path, **res))
             print(f"{name:14s} step {ck['step']:6d}  class accuracy {100 * res['class_accuracy']:5.1f}%"
                   f"  FID {res['fid']:7.2f}  (floor {res['fid_floor']:.2f})", flush=True)

@@ -177,3 +177,17 @@ def test_corrupt_checkpoint_is_refused_not_used(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable"):
         train(_tiny_cfg(steps=4), tmp_path, images=images, labels=labels, progress=False, resume=True,
               log=lambda m: None)
+
+
+def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
+    from tinyuvit.checkpoint import save_checkpoint
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config={"steps": 3})
+    assert load_checkpoint(path)["config"]["prediction"] == "eps"
+    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config={"prediction": "v"})
+    assert load_checkpoint(path)["config"]["prediction"] == "v"
+
+
+def test_cpu_defaults_of_the_cli_are_the_train_config_defaults():
+    from tinyuvit.cli import DEVICE_DEFAULTS
+    assert DEVICE_DEFAULTS["cpu"] == dict(steps=TrainConfig.steps, batch_size=TrainConfig.batch_size)

@@ -49,6 +49,7 @@ def load_checkpoint(path):
         out["config"] = json.loads(str(data["config"]))
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {path} has a corrupt config entry") from None
+    out["config"].setdefault("prediction", "eps")  # runs from before the v option were eps runs
     for k, v in data.items():
         group, _, name = k.partition("/")
         if group in ("param", "ema", "opt"):

@@ -195,7 +195,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
     with Progress(n_steps, f"sampling {len(labels)} digits ({sampler})", unit="step", disable=quiet) as bar:
         x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=sampler, steps=steps,
                    guidance=guidance, eta=eta, callback=record, progress=bar,
-                   prediction=ck["config"].get("prediction", "eps"))
+                   prediction=ck["config"]["prediction"])
     imgs = from_model_range(x)
     # one row per digit: `count` columns (at most 20 per row, wrapping)
     save_grid(imgs, out_path, nrow=min(count, 20) if len(digits) > 1 else min(count, 10))
@@ -250,7 +250,7 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
         res = evaluate_model(model, schedule, per_digit, sampler, steps, guidance,
                              seed, batch_size, classifier, reference, progress=bar,
-                             prediction=ck["config"].get("prediction", "eps"))
+                             prediction=ck["config"]["prediction"])
     res["checkpoint_step"] = ck["step"]
     # FID falls with the number of samples: the floor at the same n is the like-for-like bound
     res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])

@@ -34,8 +34,8 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     preset: str = "tiny"
-    steps: int = 2000
-    batch_size: int = 128
+    steps: int = 5000                  # steps and batch: the CPU default (cli.DEVICE_DEFAULTS)
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.03
     beta1: float = 0.9
@@ -202,8 +202,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
             raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}; "
                                   "start without --resume or point --out at the run folder")
         ck = load_checkpoint(ckpt_path)
-        saved = {"prediction": "eps", **ck["config"]}  # runs from before the v option were eps runs
-        diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE)
+        diffs = config_differences(ck["config"], run_cfg, ignore=TrainConfig.RESUMABLE)
         if diffs:
             named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in diffs)
             raise CheckpointError(f"cannot resume {ckpt_path}: the configuration differs in {named}; "
