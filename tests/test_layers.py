@@ -111,24 +111,49 @@ def test_gelu_matches_math_erf():
     np.testing.assert_allclose(GELU()(x), want, rtol=1e-14, atol=1e-15)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_float32_erf_matches_scipy(threads):
+def test_float32_erf_matches_scipy():
     # float32 erf is a rational approximation (backend.py); float64 stays scipy's.
     import scipy.special
     from tinyuvit import backend
     x = np.concatenate([np.linspace(-12, 12, 300001), [0.0, -0.0, 4.0, -4.0]]).astype(np.float32)
-    old = backend._THREADS
-    try:
-        backend._THREADS, backend._POOL = threads, None   # 300k values: split across threads
-        got = backend.erf(x)
-    finally:
-        backend._THREADS, backend._POOL = old, None
+    got = backend.erf(x)
     assert got.dtype == np.float32
     want = scipy.special.erf(x.astype(np.float64))
     assert np.abs(got - want).max() < 5e-7
     assert np.all(np.sign(got) == np.sign(x))                 # odd, erf(0) = 0
     assert np.all(np.diff(got[:300001]) >= -1e-6)             # increasing, up to the error above
     assert np.isnan(backend.erf(np.float32([np.nan]))).all()
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def cpu_threads(request):
+    from tinyuvit import backend
+    old = backend._THREADS
+    backend._THREADS, backend._POOL = request.param, None
+    yield request.param
+    backend._THREADS, backend._POOL = old, None
+
+
+def test_elementwise_in_pieces_equals_one_piece(cpu_threads):
+    from tinyuvit.backend import _PIECE, elementwise
+    f = lambda x: (np.exp(-x * x), x.astype(np.float64) + 1.0)   # two outputs, two dtypes
+    x = randn(7, 5 * _PIECE // 7 + 3).astype(np.float32)[:, ::2]  # not contiguous, ragged last piece
+    a, b = elementwise(f, x)
+    assert a.shape == b.shape == x.shape and (a.dtype, b.dtype) == (np.float32, np.float64)
+    np.testing.assert_array_equal(a, f(x)[0])
+    np.testing.assert_array_equal(b, f(x)[1])
+    np.testing.assert_array_equal(elementwise(np.tanh, x), np.tanh(x))  # one output
+
+
+def test_gelu_big_float32_equals_the_formula_in_one_piece(cpu_threads):
+    from tinyuvit.layers import gelu_and_slope
+    x = (3 * randn(64, 51, 512)).astype(np.float32)           # pieces across threads
+    dy = randn(*x.shape).astype(np.float32)
+    gelu = GELU()
+    y, slope = gelu_and_slope(x)
+    np.testing.assert_array_equal(gelu(x), y)
+    np.testing.assert_array_equal(gelu.backward(dy), dy * slope)
+    assert gelu(x).dtype == np.float32
 
 
 @pytest.mark.parametrize("c_in,c_out", [(1, 1), (2, 3)])

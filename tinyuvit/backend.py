@@ -77,8 +77,8 @@ def xp_of(*arrays):
 def erf(x):
     """The error function on whichever backend owns `x` (NumPy itself has none).
 
-    NumPy float64 (gradient checks) uses scipy's erf. NumPy float32 (training) uses
-    `_erf_rational`, within 4e-7 of it and ~3x faster; both are split across the CPU threads."""
+    NumPy float64 (gradient checks) uses scipy's erf; NumPy float32 (training) uses
+    `_erf_rational`, within 4e-7 of it and ~3x faster."""
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
@@ -87,21 +87,37 @@ def erf(x):
         return autograd.scipy.special.erf(x)
     import scipy.special
     x = np.asarray(x)
-    f = _erf_rational if x.dtype == np.float32 else scipy.special.erf
-    if x.size < _SPLIT_MIN or _threads() < 2:
+    return _erf_rational(x) if x.dtype == np.float32 else scipy.special.erf(x)
+
+
+def elementwise(f, x):
+    """f(x) for an elementwise f that returns an array or a tuple of arrays shaped like x.
+
+    NumPy runs a ufunc on one core and sends each temporary of a big array out to main
+    memory and back. So on NumPy, x is cut into pieces of _PIECE elements (f's temporaries
+    then stay in the core's cache) and the pieces are shared among the CPU threads (ufuncs
+    release the GIL). The values are those of f(x) in one piece. CuPy and autograd: f(x)."""
+    if type(x) is not np.ndarray or x.size <= _PIECE:
         return f(x)
-    # Elementwise work runs on one core while BLAS uses them all: split the array across the
-    # cores (ufuncs release the GIL); the values are the same as in one piece.
-    out = np.empty_like(x, dtype=np.result_type(x.dtype, np.float32))
-    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
-    n = _threads()
-    bounds = [len(flat_x) * i // n for i in range(n + 1)]
-    jobs = [_pool().submit(f, flat_x[a:b], out=flat_out[a:b])
-            for a, b in zip(bounds[1:-1], bounds[2:])]
-    f(flat_x[:bounds[1]], out=flat_out[:bounds[1]])
+    flat = np.ascontiguousarray(x).reshape(-1)
+    starts = range(0, flat.size, _PIECE)
+    first = f(flat[:_PIECE])
+    single = not isinstance(first, tuple)
+    outs = [np.empty(flat.size, r.dtype) for r in ((first,) if single else first)]
+
+    def run(k, n):  # pieces k, k + n, k + 2n, ...
+        for a in starts[k::n]:
+            res = first if a == 0 else f(flat[a:a + _PIECE])
+            for out, r in zip(outs, (res,) if single else res):
+                out[a:a + _PIECE] = r
+
+    n = min(_threads(), len(starts))
+    jobs = [_pool().submit(run, k, n) for k in range(1, n)]
+    run(0, n)
     for j in jobs:
         j.result()
-    return out
+    outs = [out.reshape(x.shape) for out in outs]
+    return outs[0] if single else tuple(outs)
 
 
 # erf(x) ~ x P(x^2) / Q(x^2) on |x| <= 4 (|erf| > 1 - 2e-8 beyond, so x is clipped there).
@@ -114,7 +130,7 @@ _ERF_P = (1.12837898e+00, 1.96249222e-01, 5.34675090e-02, 4.00365776e-03, 2.8804
 _ERF_Q = (1.0, 5.07252503e-01, 1.16476527e-01, 1.54444430e-02, 1.21636339e-03, 3.74808893e-05)
 
 
-def _erf_rational(x, out=None):
+def _erf_rational(x):
     """float32 erf by the rational approximation above."""
     x = np.clip(x, -4.0, 4.0, dtype=np.float32)
     s = x * x
@@ -123,10 +139,10 @@ def _erf_rational(x, out=None):
         p = p * s + np.float32(a)
     for a in _ERF_Q[-2::-1]:
         q = q * s + np.float32(a)
-    return np.divide(x * p, q, out=out)
+    return x * p / q
 
 
-_SPLIT_MIN = 1 << 16
+_PIECE = 1 << 15   # elements: 128 KiB of float32 per temporary; a few fit in a core's L2
 _POOL = None
 _THREADS = None
 
@@ -136,7 +152,7 @@ def _threads():
 
 
 def set_cpu_threads(n):
-    """Use n CPU threads for BLAS (matmuls) and for erf. On a machine whose cores are busy with
+    """Use n CPU threads for BLAS (matmuls) and for `elementwise`. On a machine whose cores are busy with
     other work, fewer threads can be much faster: BLAS threads that wait for a busy core spin."""
     global _THREADS, _POOL
     if n is None:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .backend import erf, to_numpy, xp_of
+from .backend import elementwise, erf, to_numpy, xp_of
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class Linear(Module):
         self.x = x
         y = x.reshape(-1, W.shape[0]) @ W          # one 2-D matmul: [n, d_in] @ [d_in, d_out]
         if "b" in self.params:
-            y = y + self.params["b"]
+            y += self.params["b"]
         return y.reshape(*x.shape[:-1], W.shape[1])
 
     # With rows X = x flattened to [n, d_in]:  Y = X W + b, so
@@ -155,19 +155,24 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def gelu_and_slope(x):
+    """gelu(x) = x Phi(x) and its derivative Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)."""
+    cdf = 0.5 * (1.0 + erf(x * _INV_SQRT2))               # Phi(x)
+    pdf = xp_of(x).exp(-0.5 * x * x) * _INV_SQRT2PI       # phi(x)
+    return x * cdf, cdf + x * pdf
+
+
 class GELU(Module):
     """gelu(x) = x * 0.5 * (1 + erf(x / sqrt 2))."""
 
+    # The slope is computed in the forward pass, while x is at hand (and in the CPU's cache:
+    # `elementwise` works through big arrays piece by piece); backward is one product.
     def forward(self, x):
-        self.x = x
-        self.cdf = 0.5 * (1.0 + erf(x * _INV_SQRT2))  # Phi(x)
-        return x * self.cdf
+        y, self.slope = elementwise(gelu_and_slope, x)
+        return y
 
-    # d/dx [x Phi(x)] = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi).
     def backward(self, dy):
-        x = self.x
-        pdf = xp_of(x).exp(-0.5 * x * x) * _INV_SQRT2PI
-        return dy * (self.cdf + x * pdf)
+        return dy * self.slope
 
 
 # ----------------------------------------------------------------------------------------
