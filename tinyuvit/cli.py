@@ -40,10 +40,32 @@ def main():
 
 
 def threads_option(fn):
-    """--threads: CPU threads for NumPy's BLAS and erf."""
+    """--threads: CPU threads for NumPy's BLAS and elementwise work."""
     return click.option("--threads", type=int, default=None,
                         help="CPU threads for NumPy (default: all cores). If other programs keep the "
                              "cores busy, --threads 1 can be several times faster.")(fn)
+
+
+def sampler_options(steps_flag="--steps", what="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), "
+                                                  "ddpm (1000 steps)."):
+    """--sampler, --steps (train-mnist: --sample-steps) and --guidance, with one set of defaults
+    (TrainConfig's) for the training grids, `sample` and `evaluate`."""
+    from .train import TrainConfig
+    d = TrainConfig()
+    options = [
+        click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default=d.sampler,
+                     show_default=True, help=what),
+        click.option(steps_flag, type=int, default=d.sample_steps, show_default=True,
+                     help="Sampler steps (ddpm always uses 1000)."),
+        click.option("--guidance", type=float, default=d.guidance, show_default=True,
+                     help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
 
 
 def _load_run(ckpt, device, weights="ema"):
@@ -110,11 +132,7 @@ def _parse_digits(text):
               help="Save a 10x10 sample grid every N steps (0 = only at the end).")
 @click.option("--save-every", type=int, default=250, show_default=True,
               help="Save the checkpoint every N steps (0 = only at the end).")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
-              help="Sampler for the grids.")
-@click.option("--sample-steps", type=int, default=20, show_default=True, help="Sampler steps for the grids.")
-@click.option("--guidance", type=float, default=2.0, show_default=True,
-              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
+@sampler_options("--sample-steps", what="Sampler for the grids.")
 @click.option("--eval-every", type=int, default=0, show_default=True,
               help="Every N steps, score EMA samples (class accuracy, FID) into evals.jsonl and eval.png "
                    "(0 = never; costs sampling time).")
@@ -157,11 +175,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
 @click.option("--digits", default="all", show_default=True, help="Which digits: 'all' or e.g. 3,7.")
 @click.option("--count", type=int, default=10, show_default=True, help="Images per digit (one row each).")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
-              help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always uses 1000).")
-@click.option("--guidance", type=float, default=2.0, show_default=True,
-              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none.")
+@sampler_options()
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
@@ -211,11 +225,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
 @click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz.")
 @click.option("--per-digit", type=int, default=None,
               help="Samples per digit. [default: 300 on cpu (3,000 in all), 1000 on gpu (10,000)]")
-@click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default="dpm++", show_default=True,
-              help="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps (ddpm always 1000).")
-@click.option("--guidance", type=float, default=2.0, show_default=True,
-              help="Guidance scale s in eps = eps_c + s (eps_c - eps_u).")
+@sampler_options()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=250, show_default=True,
