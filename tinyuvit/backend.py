@@ -152,8 +152,9 @@ def _threads():
 
 
 def set_cpu_threads(n):
-    """Use n CPU threads for BLAS (matmuls) and for `elementwise`. On a machine whose cores are busy with
-    other work, fewer threads can be much faster: BLAS threads that wait for a busy core spin."""
+    """Use n CPU threads for BLAS (matmuls) and for `elementwise`. On a machine whose cores are
+    busy with other work, fewer threads can be much faster: BLAS threads that wait for a busy
+    core spin."""
     global _THREADS, _POOL
     if n is None:
         return

@@ -46,8 +46,10 @@ def threads_option(fn):
                              "cores busy, --threads 1 can be several times faster.")(fn)
 
 
-def sampler_options(steps_flag="--steps", what="dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), "
-                                                  "ddpm (1000 steps)."):
+SAMPLERS_HELP = "dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps)."
+
+
+def sampler_options(steps_flag="--steps", what=SAMPLERS_HELP):
     """--sampler, --steps (train-mnist: --sample-steps) and --guidance, with one set of defaults
     (TrainConfig's) for the training grids, `sample` and `evaluate`."""
     from .train import TrainConfig
