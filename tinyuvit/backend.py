@@ -131,15 +131,21 @@ _ERF_Q = (1.0, 5.07252503e-01, 1.16476527e-01, 1.54444430e-02, 1.21636339e-03, 3
 
 
 def _erf_rational(x):
-    """float32 erf by the rational approximation above."""
+    """float32 erf by the rational approximation above (Horner's rule, in place)."""
     x = np.clip(x, -4.0, 4.0, dtype=np.float32)
     s = x * x
-    p, q = np.float32(_ERF_P[-1]), np.float32(_ERF_Q[-1])
-    for a in _ERF_P[-2::-1]:          # Horner: ((p5 s + p4) s + ...) + p0
-        p = p * s + np.float32(a)
-    for a in _ERF_Q[-2::-1]:
-        q = q * s + np.float32(a)
-    return x * p / q
+    p = s * np.float32(_ERF_P[-1])
+    q = s * np.float32(_ERF_Q[-1])
+    for k in range(len(_ERF_P) - 2, 0, -1):   # ((c5 s + c4) s + c3) s ... + c1) s
+        p += np.float32(_ERF_P[k])
+        p *= s
+        q += np.float32(_ERF_Q[k])
+        q *= s
+    p += np.float32(_ERF_P[0])
+    q += np.float32(_ERF_Q[0])
+    p *= x
+    p /= q
+    return p
 
 
 _PIECE = 1 << 15   # elements: 128 KiB of float32 per temporary; a few fit in a core's L2
