@@ -125,16 +125,7 @@ def test_float32_erf_matches_scipy():
     assert np.isnan(backend.erf(np.float32([np.nan]))).all()
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
-def cpu_threads(request):
-    from tinyuvit import backend
-    old = backend._THREADS
-    backend._THREADS, backend._POOL = request.param, None
-    yield request.param
-    backend._THREADS, backend._POOL = old, None
-
-
-def test_elementwise_in_pieces_equals_one_piece(cpu_threads):
+def test_elementwise_in_pieces_equals_one_piece():
     from tinyuvit.backend import _PIECE, elementwise
     f = lambda x: (np.exp(-x * x), x.astype(np.float64) + 1.0)   # two outputs, two dtypes
     x = randn(7, 5 * _PIECE // 7 + 3).astype(np.float32)[:, ::2]  # not contiguous, ragged last piece
@@ -145,9 +136,9 @@ def test_elementwise_in_pieces_equals_one_piece(cpu_threads):
     np.testing.assert_array_equal(elementwise(np.tanh, x), np.tanh(x))  # one output
 
 
-def test_gelu_big_float32_equals_the_formula_in_one_piece(cpu_threads):
+def test_gelu_big_float32_equals_the_formula_in_one_piece():
     from tinyuvit.layers import gelu_and_slope
-    x = (3 * randn(64, 51, 512)).astype(np.float32)           # pieces across threads
+    x = (3 * randn(64, 51, 512)).astype(np.float32)           # many pieces
     dy = randn(*x.shape).astype(np.float32)
     gelu = GELU()
     y, slope = gelu_and_slope(x)

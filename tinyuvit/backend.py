@@ -93,29 +93,20 @@ def erf(x):
 def elementwise(f, x):
     """f(x) for an elementwise f that returns an array or a tuple of arrays shaped like x.
 
-    NumPy runs a ufunc on one core and sends each temporary of a big array out to main
-    memory and back. So on NumPy, x is cut into pieces of _PIECE elements (f's temporaries
-    then stay in the core's cache) and the pieces are shared among the CPU threads (ufuncs
-    release the GIL). The values are those of f(x) in one piece. CuPy and autograd: f(x)."""
+    NumPy sends each temporary of a big array out to main memory and back. So on NumPy, x is
+    cut into pieces of _PIECE elements, whose temporaries stay in the core's cache. The values
+    are those of f(x) in one piece. CuPy and autograd: f(x)."""
     if type(x) is not np.ndarray or x.size <= _PIECE:
         return f(x)
     flat = np.ascontiguousarray(x).reshape(-1)
-    starts = range(0, flat.size, _PIECE)
-    first = f(flat[:_PIECE])
-    single = not isinstance(first, tuple)
-    outs = [np.empty(flat.size, r.dtype) for r in ((first,) if single else first)]
-
-    def run(k, n):  # pieces k, k + n, k + 2n, ...
-        for a in starts[k::n]:
-            res = first if a == 0 else f(flat[a:a + _PIECE])
-            for out, r in zip(outs, (res,) if single else res):
-                out[a:a + _PIECE] = r
-
-    n = min(_threads(), len(starts))
-    jobs = [_pool().submit(run, k, n) for k in range(1, n)]
-    run(0, n)
-    for j in jobs:
-        j.result()
+    outs, single = None, False
+    for a in range(0, flat.size, _PIECE):
+        res = f(flat[a:a + _PIECE])
+        if outs is None:
+            single = not isinstance(res, tuple)
+            outs = [np.empty(flat.size, r.dtype) for r in ((res,) if single else res)]
+        for out, r in zip(outs, (res,) if single else res):
+            out[a:a + _PIECE] = r
     outs = [out.reshape(x.shape) for out in outs]
     return outs[0] if single else tuple(outs)
 
@@ -149,34 +140,26 @@ def _erf_rational(x):
 
 
 _PIECE = 1 << 15   # elements: 128 KiB of float32 per temporary; a few fit in a core's L2
-_POOL = None
 _THREADS = None
 
 
-def _threads():
-    return _THREADS or min(os.cpu_count() or 1, 8)
+def cpu_threads():
+    """CPU threads that tinyuvit runs the model on (`set_cpu_threads`; default: every core)."""
+    return _THREADS or os.cpu_count() or 1
 
 
 def set_cpu_threads(n):
-    """Use n CPU threads for BLAS (matmuls) and for `elementwise`. On a machine whose cores are
-    busy with other work, fewer threads can be much faster: BLAS threads that wait for a busy
-    core spin."""
-    global _THREADS, _POOL
+    """Run on n CPU threads (None: every core): the model splits each batch across them
+    (tinyuvit.parallel), other work uses n BLAS threads. On a machine whose cores are busy with
+    other work, fewer threads can be much faster: BLAS threads that wait for a busy core spin."""
+    global _THREADS
     if n is None:
         return
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=n)
-    _THREADS, _POOL = n, None
-
-
-def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=_threads() - 1, thread_name_prefix="tinyuvit-erf")
-    return _POOL
+    _THREADS = n
 
 
 def to_numpy(x):

@@ -40,10 +40,11 @@ def main():
 
 
 def threads_option(fn):
-    """--threads: CPU threads for NumPy's BLAS and elementwise work."""
+    """--threads: CPU threads, each running the model on its share of the batch."""
     return click.option("--threads", type=int, default=None,
-                        help="CPU threads for NumPy (default: all cores). If other programs keep the "
-                             "cores busy, --threads 1 can be several times faster.")(fn)
+                        help="CPU threads, each running the model on its share of every batch "
+                             "(default: all cores). If other programs keep the cores busy, fewer "
+                             "threads can be much faster.")(fn)
 
 
 SAMPLERS_HELP = "dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps)."
@@ -196,12 +197,14 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
     from .data import from_model_range
     from .diffusion import sample
     from .images import save_gif, save_grid
+    from .parallel import on_cpu_threads
     from .progress import Progress
     set_cpu_threads(threads)
     digits = _parse_digits(digits)
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     ck, backend, model, schedule = _load_run(ckpt, device, weights)
+    model = on_cpu_threads(model)
     labels = backend.xp.asarray(np.repeat(digits, count))
     out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples_{sampler}.png")
     frames = []

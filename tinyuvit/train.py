@@ -24,6 +24,7 @@ from .diffusion import PREDICTIONS, Schedule, diffusion_loss, sample
 from .images import plot_curves, save_grid
 from .model import UViT, UViTConfig, get_config
 from .optim import EMA, AdamW, clip_grad_norm, lr_at
+from .parallel import on_cpu_threads
 from .progress import Progress
 
 
@@ -233,6 +234,8 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     schedule = Schedule(cfg.T)
     ema_model = make_model(run_cfg["model"], backend)
     ema_model.load_state_dict(ema.shadow)  # shares the EMA arrays: always current
+    # On the CPU, every core runs the model on its share of each batch (tinyuvit.parallel).
+    net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)
     rows = _read_metrics(metrics_path, start)
     metrics_file = open(metrics_path, "w")
     for r in rows:
@@ -258,15 +261,15 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                     break
                 rng = step_rng(cfg.seed, step)
                 idx = batch_indices(cfg.seed, step, cfg.batch_size, n)
-                loss, dpred = diffusion_loss(model, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
+                loss, dpred = diffusion_loss(net, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
                                              cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma, cfg.prediction)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step}; the last good checkpoint "
                         f"({'step %d' % _saved_step(ckpt_path) if os.path.exists(ckpt_path) else 'none yet'}) is kept. "
                         "Try a lower --lr or a longer warmup")
-                model.backward(dpred)
-                grads = model.grad_dict()
+                net.backward(dpred)
+                grads = net.grad_dict()
                 gnorm = clip_grad_norm(grads, cfg.grad_clip)
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
                 opt.step(grads, lr)
@@ -280,11 +283,11 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                    preview_grid(ema_model, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
+                    preview_grid(ema_net, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
                     plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"),
                               cfg.snr_gamma > 0, cfg.prediction)
                 if evaluator and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    res = evaluator(ema_model, schedule, step)
+                    res = evaluator(ema_net, schedule, step)
                     log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
                         f"(floor {res['fid_floor']:.2f})")
     finally:
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg.snr_gamma > 0, cfg.prediction)
     final_grid = os.path.join(out_dir, "samples.png")
     if start < cfg.steps or not os.path.exists(final_grid):
-        preview_grid(ema_model, schedule, cfg, final_grid)
+        preview_grid(ema_net, schedule, cfg, final_grid)
     wall = time.perf_counter() - t0
     last = [r["loss"] for r in rows[-100:]]
     summary = {"step": step, "stopped": False, "checkpoint": ckpt_path, "grid": final_grid,
