@@ -276,6 +276,7 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     click.echo(f"checkpoint       {ckpt} (step {ck['step']})")
     click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g}")
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
+    click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
     click.echo(f"FID              {res['fid']:.3f}")
     click.echo(f"FID floor        {res['fid_floor']:.3f}   (10,000 real training digits; FID / floor = {res['fid'] / res['fid_floor']:.1f})")
     click.echo(f"FID floor, n={res['n']:<5d} {res['fid_floor_same_n']:.3f}   (as many real training digits as samples; "

@@ -191,7 +191,8 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
                     cache=True, download=True, reference=None, floor_n=10000):
     """Score generated images [N, 1, 28, 28] in [-1, 1] that were asked to show `requested_labels` [N].
 
-    Returns dict(class_accuracy, fid, fid_floor, n): fid against the MNIST test set, and the
+    Returns dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n): the class accuracy
+    overall and for each requested digit ({"3": 0.95, ...}), fid against the MNIST test set, and the
     floor that `floor_n` real training digits score (both with this package's classifier).
     FID falls with the number of samples (real digits: about 3.8 at n = 1,000, 0.4 at 10,000,
     against a floor of 0.29), so compare at equal n, or pass floor_n=len(images).
@@ -206,6 +207,8 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     ref = reference or reference_stats(model, data_dir=data_dir, cache=cache, floor_n=floor_n,
                                        batch_size=batch_size, download=download)
     mu, sigma = feature_stats(feats)
-    return dict(class_accuracy=float((logits.argmax(axis=1) == requested).mean()),
+    right = logits.argmax(axis=1) == requested
+    return dict(class_accuracy=float(right.mean()),
+                per_digit_accuracy={str(d): float(right[requested == d].mean()) for d in np.unique(requested)},
                 fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
                 fid_floor=float(ref["fid_floor"]), n=int(len(images)))
