@@ -75,10 +75,12 @@ def test_v_prediction_samples_the_same_as_eps_prediction(sampler):
         _draw(v_model, sampler, 20, prediction="x0")
 
 
+@pytest.mark.parametrize("weighting", ["min-snr", "min-snr+1"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_loss_targets_and_min_snr_weights(prediction):
+def test_loss_targets_and_weights(prediction, weighting):
     """A network that outputs the exact target has loss 0; one that is off by 1 everywhere pays
-    the Min-SNR weight: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v."""
+    the weight: Min-SNR min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v; min-snr+1 puts
+    SNR + 1 in place of SNR in the numerator."""
     sched = Schedule()
     x0 = np.random.default_rng(0).uniform(-1, 1, (64, 1, 4, 4))
     y = np.zeros(64, dtype=np.int64)
@@ -96,14 +98,18 @@ def test_loss_targets_and_min_snr_weights(prediction):
             return target + self.offset
 
     m = Exact()
-    loss, d = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction)
+    loss, d = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction,
+                             weighting=weighting)
     assert loss < 1e-12 and np.abs(d).max() < 1e-12
     m.offset = 1.0
-    loss, _ = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction)
+    loss, _ = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction,
+                             weighting=weighting)
     a = sched.abar(np.random.default_rng(7).integers(0, sched.T, size=64))
     snr = a / (1 - a)
-    w = np.minimum(snr, 5.0) / (snr if prediction == "eps" else snr + 1)
+    w = np.minimum(snr + (weighting == "min-snr+1"), 5.0) / (snr if prediction == "eps" else snr + 1)
     assert math.isclose(loss, w.mean(), rel_tol=1e-9)
+    if prediction == "v" and weighting == "min-snr+1":       # the capped v loss: min(1, g/(SNR + 1))
+        assert math.isclose(loss, np.minimum(1.0, 5.0 / (snr + 1)).mean(), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 250), ("dpm++", 20), ("ddpm", None)])

@@ -49,7 +49,8 @@ def load_checkpoint(path):
         out["config"] = json.loads(str(data["config"]))
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {path} has a corrupt config entry") from None
-    out["config"].setdefault("prediction", "eps")  # runs from before the v option were eps runs
+    out["config"].setdefault("prediction", "eps")      # runs from before the v option were eps runs
+    out["config"].setdefault("weighting", "min-snr")   # ... and before min-snr+1, Min-SNR runs
     for k, v in data.items():
         group, _, name = k.partition("/")
         if group in ("param", "ema", "opt"):

@@ -114,11 +114,14 @@ def _parse_digits(text):
 @click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA of the weights; samples use it.")
 @click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
               help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
+@click.option("--prediction", type=click.Choice(["v", "eps"]), default="v", show_default=True,
+              help="What the network predicts: the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0, or the "
+                   "noise eps (U-ViT, DDPM).")
+@click.option("--weighting", type=click.Choice(["min-snr+1", "min-snr"]), default="min-snr+1", show_default=True,
+              help="Loss weight, as a weight on the error of the predicted clean image: min(SNR + 1, gamma) "
+                   "(the v loss, capped) or min(SNR, gamma) (Min-SNR, which all but ignores the noisiest steps).")
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True,
-              help="Min-SNR loss weighting min(SNR_t, gamma)/SNR_t (0 = plain MSE, as DDPM).")
-@click.option("--prediction", type=click.Choice(["eps", "v"]), default="eps", show_default=True,
-              help="What the network predicts: the noise eps (U-ViT, DDPM) or the velocity "
-                   "v = sqrt(abar) eps - sqrt(1 - abar) x0 (better conditioned at high noise).")
+              help="The cap gamma of --weighting (0 = the plain MSE of what the network predicts).")
 @click.option("--p-uncond", type=float, default=0.1, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -144,9 +147,9 @@ def _parse_digits(text):
 @threads_option
 @friendly_errors
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                ema_warmup, snr_gamma, prediction, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
+                ema_warmup, prediction, weighting, snr_gamma, p_uncond, device, dtype, seed, out_dir, resume, data_dir, sample_every, save_every,
                 sampler, sample_steps, guidance, eval_every, eval_per_digit, quiet, threads):
-    """Train a class-conditional U-ViT on MNIST with DDPM (eps or v prediction).
+    """Train a class-conditional U-ViT on MNIST with DDPM (v or eps prediction).
 
     Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
     digit) and checkpoint.npz. Ctrl-C saves a checkpoint; --resume continues from it.
@@ -161,7 +164,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     cfg = TrainConfig(preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                      snr_gamma=snr_gamma, prediction=prediction, p_uncond=p_uncond, seed=seed, dtype=dtype,
+                      snr_gamma=snr_gamma, prediction=prediction, weighting=weighting, p_uncond=p_uncond, seed=seed, dtype=dtype,
                       sample_every=sample_every, save_every=save_every, sampler=sampler,
                       sample_steps=sample_steps, guidance=guidance, eval_every=eval_every,
                       eval_per_digit=eval_per_digit)

@@ -76,20 +76,40 @@ class Schedule:
 
 
 PREDICTIONS = ("eps", "v")
+WEIGHTINGS = ("min-snr+1", "min-snr")
+
+
+def loss_weight(snr, snr_gamma, prediction="eps", weighting="min-snr"):
+    """The weight of each image's MSE of eps (or v) at signal-to-noise ratio SNR = abar/(1 - abar).
+
+    Any such loss is a weighted error of the predicted clean image x0: the plain eps MSE is
+    SNR |x0_pred - x0|^2 and the plain v MSE is (SNR + 1) |x0_pred - x0|^2. Both count nearly
+    clean timesteps (SNR up to 10^4 here), whose noise is hard to guess and matters little for
+    the samples, far more than the rest. The weightings cap the x0 weight at gamma:
+      "min-snr"    min(SNR, gamma)       Min-SNR (Hang et al. 2023): for the eps loss
+                                         min(SNR, gamma)/SNR, for v min(SNR, gamma)/(SNR + 1).
+                                         Noisy timesteps (SNR << 1) get almost no weight.
+      "min-snr+1"  min(SNR + 1, gamma)   the v loss with its weight capped: min(1, gamma/(SNR + 1)).
+                                         Noisy timesteps, where the digit's shape is decided,
+                                         keep weight 1. Meant for v: on the eps loss it is
+                                         min(SNR + 1, gamma)/SNR, ~1/SNR at high noise.
+    snr_gamma = 0: no weighting, the plain mean (Ho et al.).
+    """
+    if not snr_gamma:
+        return np.ones_like(snr)
+    x0_weight = np.minimum(snr + (1.0 if weighting == "min-snr+1" else 0.0), snr_gamma)
+    return x0_weight / (snr if prediction == "eps" else snr + 1.0)
 
 
 def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0,
-                   prediction="eps"):
-    """MSE of the network's eps (or v) on a batch; returns (loss, dL/d(output)) and leaves the
-    model ready for `model.backward`. `rng` is a NumPy Generator: all randomness is drawn on the
-    host so that runs are reproducible on any backend.
-
-    snr_gamma > 0 weights each image's MSE by min(SNR_t, gamma) / SNR_t for eps, and by
-    min(SNR_t, gamma) / (SNR_t + 1) for v, SNR_t = abar/(1 - abar) (Min-SNR weighting, Hang et
-    al. 2023). In x0 terms both are min(SNR_t, gamma) |x0_pred - x0|^2: nearly clean timesteps,
-    whose noise is hard to guess and matters little for the samples, count less.
-    0 = the plain mean (Ho et al.).
+                   prediction="eps", weighting="min-snr"):
+    """Weighted MSE of the network's eps (or v) on a batch (`loss_weight`); returns
+    (loss, dL/d(output)) and leaves the model ready for `model.backward`. `rng` is a NumPy
+    Generator: all randomness is drawn on the host so that runs are reproducible on any backend.
     """
+    if prediction not in PREDICTIONS or weighting not in WEIGHTINGS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS} and weighting one of {WEIGHTINGS}, "
+                         f"got {prediction!r}, {weighting!r}")
     xp = xp_of(x0)
     B = x0.shape[0]
     t = rng.integers(0, schedule.T, size=B)                                     # [B]
@@ -101,18 +121,11 @@ def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, sn
     a = schedule.abar(t)                                                        # [B] float64
     if prediction == "eps":
         target = noise
-    elif prediction == "v":
+    else:
         sa, s1 = (xp.asarray(c, dtype=x0.dtype)[:, None, None, None] for c in (np.sqrt(a), np.sqrt(1 - a)))
         target = sa * noise - s1 * x0                                           # v
-    else:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     diff = pred - target
-    if snr_gamma > 0:
-        snr = a / (1.0 - a)
-        w = np.minimum(snr, snr_gamma) / (snr if prediction == "eps" else snr + 1.0)
-        w = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]
-    else:
-        w = 1.0
+    w = xp.asarray(loss_weight(a / (1.0 - a), snr_gamma, prediction, weighting), dtype=x0.dtype)[:, None, None, None]
     loss = float((w * diff * diff).mean())
     dpred = (w * diff) * (2.0 / diff.size)                                      # d mean(w diff^2)
     return loss, dpred

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend import Backend, to_numpy, xp_of
 from .checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
-from .diffusion import PREDICTIONS, Schedule, diffusion_loss, sample
+from .diffusion import PREDICTIONS, WEIGHTINGS, Schedule, diffusion_loss, sample
 from .images import plot_curves, save_grid
 from .model import UViT, UViTConfig, get_config
 from .optim import EMA, AdamW, clip_grad_norm, lr_at
@@ -46,8 +46,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
-    snr_gamma: float = 5.0             # > 0: Min-SNR loss weighting min(SNR, gamma)/SNR; 0 = plain MSE
-    prediction: str = "eps"            # what the network predicts: "eps" (U-ViT) or "v"
+    prediction: str = "v"              # what the network predicts: "v" or "eps" (U-ViT)
+    weighting: str = "min-snr+1"       # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
+    snr_gamma: float = 5.0             # the cap gamma of the weighting (diffusion.loss_weight); 0 = plain MSE
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = 1000
     seed: int = 0
@@ -79,6 +80,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
             (self.snr_gamma >= 0, f"SNR gamma must be >= 0 (0 = off), got {self.snr_gamma}"),
             (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}"),
+            (self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"),
             (0 <= self.p_uncond < 1, f"label dropout must lie in [0, 1), got {self.p_uncond}"),
             (self.T >= 2, f"T must be >= 2, got {self.T}"),
             (self.sample_every >= 0 and self.save_every >= 0, "sample/save intervals must be >= 0 (0 = only at the end)"),
@@ -167,7 +169,7 @@ def _read_metrics(path, upto):
     return rows
 
 
-def plot_loss(rows, path, weighted=False, prediction="eps"):
+def plot_loss(rows, path, cfg):
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])
@@ -175,8 +177,8 @@ def plot_loss(rows, path, weighted=False, prediction="eps"):
     k = max(1, min(50, len(loss) // 20))
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     plot_curves(path, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
-                title="training loss (" + ("Min-SNR weighted " if weighted else "") +
-                      {"eps": "epsilon", "v": "v"}[prediction] + " MSE)")
+                title="training loss (" + (f"{cfg.weighting}-{cfg.snr_gamma:g} weighted " if cfg.snr_gamma else "") +
+                      {"eps": "epsilon", "v": "v"}[cfg.prediction] + " MSE)")
 
 
 def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, log=print,
@@ -262,7 +264,8 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 rng = step_rng(cfg.seed, step)
                 idx = batch_indices(cfg.seed, step, cfg.batch_size, n)
                 loss, dpred = diffusion_loss(net, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
-                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma, cfg.prediction)
+                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma, cfg.prediction,
+                                             cfg.weighting)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step}; the last good checkpoint "
@@ -284,8 +287,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                     save(step)
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                     preview_grid(ema_net, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
-                    plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"),
-                              cfg.snr_gamma > 0, cfg.prediction)
+                    plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"), cfg)
                 if evaluator and (step % cfg.eval_every == 0 or step == cfg.steps):
                     res = evaluator(ema_net, schedule, step)
                     log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
@@ -299,7 +301,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
         log(f"stopped by Ctrl-C at step {step}; saved {ckpt_path}. Continue with --resume")
         return {"step": step, "stopped": True, "checkpoint": ckpt_path}
     rows = _read_metrics(metrics_path, step)
-    plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg.snr_gamma > 0, cfg.prediction)
+    plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg)
     final_grid = os.path.join(out_dir, "samples.png")
     if start < cfg.steps or not os.path.exists(final_grid):
         preview_grid(ema_net, schedule, cfg, final_grid)
