@@ -58,7 +58,7 @@ class TrainConfig:
     save_every: int = 250
     sampler: str = "dpm++"
     sample_steps: int = 20
-    guidance: float = 2.0
+    guidance: float = 1.0
     eval_every: int = 0                # class accuracy and FID every N steps (0 = never)
     eval_per_digit: int = 100
     model_overrides: dict = dataclasses.field(default_factory=dict)
