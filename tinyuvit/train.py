@@ -177,8 +177,8 @@ def plot_loss(rows, path, cfg):
     k = max(1, min(50, len(loss) // 20))
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     plot_curves(path, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
-                title="training loss (" + (f"{cfg.weighting}-{cfg.snr_gamma:g} weighted " if cfg.snr_gamma else "") +
-                      {"eps": "epsilon", "v": "v"}[cfg.prediction] + " MSE)")
+                title=f"training loss: {dict(eps='epsilon', v='v')[cfg.prediction]} MSE, " +
+                      (f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"))
 
 
 def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, log=print,
