@@ -23,7 +23,7 @@ def main():
     ap.add_argument("--per-digit", type=int, default=100)
     ap.add_argument("--sampler", default="dpm++", choices=["ddim", "dpm++", "ddpm"])
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/curve")
@@ -42,13 +42,16 @@ def main():
             ck, backend, model, schedule = _load_run(path, args.device)
             classifier = load_classifier(backend=backend)
             reference = reference_stats(classifier, data_dir=args.data_dir)
+            floor_same_n = reference_stats(classifier, data_dir=args.data_dir,
+                                           floor_n=10 * args.per_digit)["fid_floor"]
             with Progress(10 * args.per_digit, f"{name} step {ck['step']}", unit="img") as bar:
                 res = evaluate_model(model, schedule, args.per_digit, args.sampler, args.steps,
                                      args.guidance, classifier=classifier, reference=reference,
                                      progress=bar, prediction=ck["config"]["prediction"])
-            rows.setdefault(name, []).append(dict(step=int(ck["step"]), checkpoint=path, **res))
+            rows.setdefault(name, []).append(dict(step=int(ck["step"]), checkpoint=path,
+                                                  fid_floor_same_n=float(floor_same_n), **res))
             print(f"{name:14s} step {ck['step']:6d}  class accuracy {100 * res['class_accuracy']:5.1f}%"
-                  f"  FID {res['fid']:7.2f}  (floor {res['fid_floor']:.2f})", flush=True)
+                  f"  FID {res['fid']:7.2f}  (floor {floor_same_n:.2f} for as many real digits)", flush=True)
     for rs in rows.values():
         rs.sort(key=lambda r: r["step"])
     with open(os.path.join(args.out, "curve.json"), "w") as f:
