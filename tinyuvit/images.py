@@ -39,11 +39,15 @@ def plot_curves(path, series, xlabel="step", title=None, logy=True):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, (x, y) in series.items():
         ax.plot(x, y, label=name, lw=1.2)
     if logy:
         ax.set_yscale("log")
+        fmt = matplotlib.ticker.FormatStrFormatter("%g")  # 0.2, 0.3 rather than 2x10^-1
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     ax.legend()
