@@ -71,7 +71,8 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+
+    from tinyuvit.images import plain_log_ticks
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for name, rs in rows.items():
         steps = [r["step"] for r in rs]
@@ -87,9 +88,7 @@ def plot(rows, path):
            title=f"class accuracy, {n:,} samples")
     a2.set(xlabel="training step", ylabel="FID (tinyuvit classifier)", yscale="log",
            title=f"FID, {n:,} samples")
-    fmt = matplotlib.ticker.FormatStrFormatter("%g")  # 2, 5, 20 rather than 2x10^0 on the log axis
-    a2.yaxis.set_major_formatter(fmt)
-    a2.yaxis.set_minor_formatter(fmt)
+    plain_log_ticks(a2)
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)

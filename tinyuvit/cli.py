@@ -6,6 +6,8 @@ import sys
 import click
 import numpy as np
 
+from .diffusion import PREDICTIONS, WEIGHTINGS
+
 # Defaults per device: what `tinyuvit train-mnist` does when not told otherwise.
 # cpu: sized to finish within 30 minutes on a 2-core laptop; gpu: a larger run of a few minutes.
 DEVICE_DEFAULTS = {
@@ -50,11 +52,16 @@ def threads_option(fn):
 SAMPLERS_HELP = "dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps)."
 
 
+def _train_defaults():
+    """TrainConfig's defaults: the one place where the CLI's training and sampling defaults live."""
+    from .train import TrainConfig
+    return TrainConfig()
+
+
 def sampler_options(steps_flag="--steps", what=SAMPLERS_HELP):
     """--sampler, --steps (train-mnist: --sample-steps) and --guidance, with one set of defaults
     (TrainConfig's) for the training grids, `sample` and `evaluate`."""
-    from .train import TrainConfig
-    d = TrainConfig()
+    d = _train_defaults()
     options = [
         click.option("--sampler", type=click.Choice(["ddim", "dpm++", "ddpm"]), default=d.sampler,
                      show_default=True, help=what),
@@ -114,10 +121,10 @@ def _parse_digits(text):
 @click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA of the weights; samples use it.")
 @click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
               help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
-@click.option("--prediction", type=click.Choice(["v", "eps"]), default="v", show_default=True,
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=_train_defaults().prediction, show_default=True,
               help="What the network predicts: the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0, or the "
                    "noise eps (U-ViT, DDPM).")
-@click.option("--weighting", type=click.Choice(["min-snr+1", "min-snr"]), default="min-snr+1", show_default=True,
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_train_defaults().weighting, show_default=True,
               help="Loss weight, as a weight on the error of the predicted clean image: min(SNR + 1, gamma) "
                    "(the v loss, capped) or min(SNR, gamma) (Min-SNR, which all but ignores the noisiest steps).")
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True,

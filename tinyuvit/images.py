@@ -34,20 +34,25 @@ def save_gif(frames, path, nrow=10, scale=2, duration_ms=60, hold_ms=1500):
                                           duration=durations, loop=0))
 
 
+def plain_log_ticks(ax):
+    """Label a log y axis 0.2, 0.3, 2, 20 rather than 2x10^-1, 3x10^-1, 2x10^0, 2x10^1."""
+    import matplotlib.ticker
+    fmt = matplotlib.ticker.FormatStrFormatter("%g")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+
+
 def plot_curves(path, series, xlabel="step", title=None, logy=True):
     """A PNG line plot of {name: ys} against xs (matplotlib, no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, (x, y) in series.items():
         ax.plot(x, y, label=name, lw=1.2)
     if logy:
         ax.set_yscale("log")
-        fmt = matplotlib.ticker.FormatStrFormatter("%g")  # 0.2, 0.3 rather than 2x10^-1
-        ax.yaxis.set_major_formatter(fmt)
-        ax.yaxis.set_minor_formatter(fmt)
+        plain_log_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     ax.legend()
