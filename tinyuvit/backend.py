@@ -14,8 +14,7 @@ except Exception:  # ImportError, or a CuPy that cannot find its CUDA libraries
     _cupy = None
 
 
-class BackendError(RuntimeError):
-    """The requested device cannot be used (no CuPy, no GPU, unknown name)."""
+from .errors import BackendError  # noqa: F401  (raised here; defined with the other errors)
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64}

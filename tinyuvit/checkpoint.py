@@ -15,8 +15,7 @@ from .backend import to_numpy
 from .files import atomic_write
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or from another configuration."""
+from .errors import CheckpointError  # noqa: F401
 
 
 def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config):

@@ -48,12 +48,7 @@ _verified = set()       # (path, size, mtime_ns) of files whose checksum passed 
 _state = {"noted": False, "download_failed": None}
 
 
-class DataError(ValueError):
-    """A data file is missing, truncated, corrupt or not the file it should be."""
-
-
-class DownloadError(DataError):
-    """No mirror delivered a good copy of a file."""
+from .errors import DataError, DownloadError  # noqa: F401,E402
 
 
 def cache_dir():

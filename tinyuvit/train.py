@@ -28,8 +28,7 @@ from .parallel import on_cpu_threads
 from .progress import Progress
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, a refused resume); the message says what to do."""
+from .errors import TrainingError  # noqa: F401,E402
 
 
 @dataclass
