@@ -1,4 +1,10 @@
-"""DDPM: the forward (noising) process, the training loss, and three samplers.
+"""DDPM: the forward (noising) process, the training loss, and three samplers, in one object.
+
+`Diffusion` owns what belongs together: the noise schedule, what the network predicts, how its
+loss is weighted, and the samplers that turn its predictions back into images. A checkpoint
+records it (`to_dict`), loading gives it back (`from_dict`), and no caller passes the
+prediction type around: `diffusion.sample(model, labels, rng)` converts whatever the network
+was trained to predict.
 
 Ho, Jain, Abbeel 2020 (DDPM); Song, Meng, Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
 
@@ -11,7 +17,7 @@ away from the unconditional prediction. (In the other common convention, w = 1 +
 
 What the network predicts: the noise eps (U-ViT, DDPM; `prediction="eps"`), or the velocity
 v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; `prediction="v"`). Both give the
-same x0 and eps (`_x0_and_eps`); v is better conditioned at high noise, where an eps
+same x0 and eps (`Diffusion.x0_and_eps`); v is better conditioned at high noise, where an eps
 network must be very precise because x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies
 its errors by 1/sqrt(abar) (about 6x at t = 700, 150x at t = 999).
 
@@ -19,10 +25,12 @@ Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise
 clipped x0, so the update stays consistent with the x0 it uses.
 """
 import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from .backend import xp_of
+from .errors import ConfigError
 
 
 class Schedule:
@@ -53,7 +61,9 @@ class Schedule:
         ("time"), or in lambda = log(alpha / sigma) ("logsnr", as DPM-Solver's authors advise, so
         that consecutive steps are of similar size for the multistep formula)."""
         if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be between 1 and {self.T}, got {steps}")
+            raise ConfigError(f"sampler steps (--steps) must be between 1 and {self.T}, got {steps}")
+        if steps == 1:                                 # one step: from pure noise to x0 at once
+            return np.array([self.T - 1], dtype=np.int64)
         if spacing == "time" or steps < 3:
             ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
         else:
@@ -75,11 +85,159 @@ class Schedule:
         return np.array(ts, dtype=np.int64)
 
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("v", "eps")
 WEIGHTINGS = ("min-snr+1", "min-snr")
+SAMPLERS = ("dpm++", "ddim", "ddpm")
 
 
-def loss_weight(snr, snr_gamma, prediction="eps", weighting="min-snr"):
+def _finite(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------
+# How to sample: the one place that holds the sampling defaults (CLI, grids, evaluate)
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping."""
+    sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
+    steps: int = 20            # ddpm always takes all T steps
+    guidance: float = 1.0      # eps = eps_c + s (eps_c - eps_u); 0 = none
+    eta: float = 0.0           # DDIM noise: 0 = deterministic
+    clip: bool = True          # clip the predicted x0 to [-1, 1]
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler (--sampler) must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError(f"sampler steps (--steps) must be a whole number >= 1, got {self.steps!r}")
+        if not _finite(self.guidance) or self.guidance < 0:
+            raise ConfigError(f"guidance (--guidance) must be a finite number >= 0 (0 = none), got {self.guidance!r}")
+        if not _finite(self.eta) or not 0 <= self.eta <= 1:
+            raise ConfigError(f"eta (--eta) must lie in [0, 1], got {self.eta!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# The diffusion object
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Diffusion:
+    """The schedule (T steps), what the network predicts ("v" or "eps") and how the loss is
+    weighted ("min-snr+1" or "min-snr", capped at snr_gamma; 0 = the plain MSE); its methods
+    make training batches, the loss and its gradient, and samples."""
+    T: int = 1000
+    prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, or the noise eps (U-ViT)
+    weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
+    snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
+
+    def __post_init__(self):
+        if not isinstance(self.T, (int, np.integer)) or isinstance(self.T, bool) or self.T < 2:
+            raise ConfigError(f"T must be a whole number >= 2, got {self.T!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not _finite(self.snr_gamma) or self.snr_gamma < 0:
+            raise ConfigError(f"snr_gamma (--snr-gamma) must be a finite number >= 0, got {self.snr_gamma!r}")
+        object.__setattr__(self, "schedule", Schedule(int(self.T)))
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The diffusion of a run config (its T, prediction, weighting, snr_gamma; other keys ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    # --- training: a noisy batch, then the weighted loss and its gradient ----------------
+
+    def noisy_batch(self, x0, y, rng, p_uncond=0.0, null_label=None):
+        """(x_t, t, y, target, weight) for clean images x0 [B, C, H, W] and labels y [B].
+
+        Draws t uniformly from all T steps, the noise, and which labels are dropped to the
+        null label (probability p_uncond, for classifier-free guidance), in that order, from
+        `rng` (a NumPy Generator: host randomness, so runs repeat on any backend)."""
+        xp = xp_of(x0)
+        B = x0.shape[0]
+        t = rng.integers(0, self.T, size=B)                                         # [B]
+        noise = xp.asarray(rng.standard_normal(x0.shape, dtype=np.float32), dtype=x0.dtype)
+        drop = rng.random(B) < p_uncond                                             # label dropout
+        y = np.where(drop, null_label, np.asarray(y)) if p_uncond else np.asarray(y)
+        xt = self.schedule.q_sample(x0, t, noise)                                   # [B, C, H, W]
+        a = self.schedule.abar(t)                                                   # [B] float64
+        if self.prediction == "eps":
+            target = noise
+        else:
+            sa, s1 = (xp.asarray(c, dtype=x0.dtype)[:, None, None, None] for c in (np.sqrt(a), np.sqrt(1 - a)))
+            target = sa * noise - s1 * x0                                           # v
+        w = loss_weight(a / (1.0 - a), self.snr_gamma, self.prediction, self.weighting)
+        weight = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]                 # [B, 1, 1, 1]
+        return xt, xp.asarray(t), xp.asarray(y), target, weight
+
+    @staticmethod
+    def loss(pred, target, weight):
+        """(L, dL/dpred) for L = mean(w (pred - target)^2), the mean over every pixel."""
+        diff = pred - target
+        loss = float((weight * diff * diff).mean())
+        dpred = (weight * diff) * (2.0 / diff.size)
+        return loss, dpred
+
+    # --- sampling ------------------------------------------------------------------------
+
+    def x0_and_eps(self, x, out, abar, clip):
+        """Predicted x0 and eps from x_t and the network's output (eps or v); if clipped, the
+        noise consistent with the clipped x0."""
+        sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
+        if self.prediction == "v":   # x_t = sa x0 + s1 eps and v = sa eps - s1 x0, sa^2 + s1^2 = 1
+            x0, eps = sa * x - s1 * out, s1 * x + sa * out
+        else:
+            eps = out
+            x0 = (x - s1 * eps) * (1.0 / sa)
+        if clip:
+            x0 = xp_of(x0).clip(x0, -1.0, 1.0)
+            eps = (x - sa * x0) * (1.0 / s1)
+        return x0, eps
+
+    def sample(self, model, labels, rng, how=None, callback=None, progress=None):
+        """Draw images for `labels` ([B] ints on the model's backend) -> x0 [B, C, H, W].
+
+        `how` is a SampleConfig (default: SampleConfig()): "ddpm" (ancestral, all T steps),
+        "ddim" (any number of steps, eta = 0 deterministic) or "dpm++" (DPM-Solver++(2M)).
+        `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
+        """
+        how = how or SampleConfig()
+        sched, cfg = self.schedule, model.cfg
+        xp = xp_of(labels)
+        B = labels.shape[0]
+        shape = (B, cfg.in_chans, cfg.img_size, cfg.img_size)
+        x = xp.asarray(rng.standard_normal(shape), dtype=model.dtype)               # x_T ~ N(0, I)
+        if how.sampler == "ddpm":
+            ts = np.arange(sched.T - 1, -1, -1)
+        else:
+            ts = sched.timesteps(how.steps, "logsnr" if how.sampler == "dpm++" else "time")
+        x0_prev, h_prev = None, None
+        for i, t in enumerate(ts):
+            t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
+            a, a_next = float(sched.abar(t)), float(sched.abar(t_next))
+            out = guided_output(model, x, t, labels, how.guidance, cfg.num_classes)
+            x0, eps = self.x0_and_eps(x, out, a, how.clip)
+            if how.sampler == "ddpm":
+                x = _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
+            elif how.sampler == "ddim":
+                x = _ddim_step(x0, eps, a, a_next, how.eta, rng, xp, model.dtype)
+            else:
+                x, h_prev = _dpmpp_2m_step(x, x0, x0_prev, a, a_next, h_prev)
+                x0_prev = x0
+            if callback is not None:
+                callback(i, x, x0)
+            if progress is not None:
+                progress.update(1)
+        return x
+
+
+def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
     """The weight of each image's MSE of eps (or v) at signal-to-noise ratio SNR = abar/(1 - abar).
 
     Any such loss is a weighted error of the predicted clean image x0: the plain eps MSE is
@@ -101,43 +259,9 @@ def loss_weight(snr, snr_gamma, prediction="eps", weighting="min-snr"):
     return x0_weight / (snr if prediction == "eps" else snr + 1.0)
 
 
-def diffusion_loss(model, schedule, x0, y, rng, p_uncond=0.1, num_classes=10, snr_gamma=0.0,
-                   prediction="eps", weighting="min-snr"):
-    """Weighted MSE of the network's eps (or v) on a batch (`loss_weight`); returns
-    (loss, dL/d(output)) and leaves the model ready for `model.backward`. `rng` is a NumPy
-    Generator: all randomness is drawn on the host so that runs are reproducible on any backend.
-    """
-    if prediction not in PREDICTIONS or weighting not in WEIGHTINGS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS} and weighting one of {WEIGHTINGS}, "
-                         f"got {prediction!r}, {weighting!r}")
-    xp = xp_of(x0)
-    B = x0.shape[0]
-    t = rng.integers(0, schedule.T, size=B)                                     # [B]
-    noise = xp.asarray(rng.standard_normal(x0.shape, dtype=np.float32), dtype=x0.dtype)
-    drop = rng.random(B) < p_uncond                                             # label dropout
-    y = np.where(drop, num_classes, np.asarray(y))                              # null label
-    xt = schedule.q_sample(x0, t, noise)
-    pred = model.forward(xt, xp.asarray(t), xp.asarray(y))                      # [B, C, H, W]
-    a = schedule.abar(t)                                                        # [B] float64
-    if prediction == "eps":
-        target = noise
-    else:
-        sa, s1 = (xp.asarray(c, dtype=x0.dtype)[:, None, None, None] for c in (np.sqrt(a), np.sqrt(1 - a)))
-        target = sa * noise - s1 * x0                                           # v
-    diff = pred - target
-    w = xp.asarray(loss_weight(a / (1.0 - a), snr_gamma, prediction, weighting), dtype=x0.dtype)[:, None, None, None]
-    loss = float((w * diff * diff).mean())
-    dpred = (w * diff) * (2.0 / diff.size)                                      # d mean(w diff^2)
-    return loss, dpred
-
-
-# ----------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------
-
-def guided_eps(model, x, t, y, guidance, null_label):
-    """eps = eps_c + s (eps_c - eps_u); one forward on the doubled batch when s != 0.
-    (For a v network this combines v the same way, which is the same guidance: eps is affine in v.)"""
+def guided_output(model, x, t, y, guidance, null_label):
+    """out = out_c + s (out_c - out_u); one forward on the doubled batch when s != 0.
+    (For a v network this is the same guidance as on eps: eps is affine in v at fixed x_t.)"""
     xp = xp_of(x)
     B = x.shape[0]
     tt = xp.full((B,), int(t), dtype=np.int64)
@@ -145,65 +269,8 @@ def guided_eps(model, x, t, y, guidance, null_label):
         return model.forward(x, tt, y)
     both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
                          xp.concatenate([y, xp.full_like(y, null_label)]))
-    eps_c, eps_u = both[:B], both[B:]
-    return eps_c + guidance * (eps_c - eps_u)
-
-
-def _x0_and_eps(x, out, abar, clip, prediction="eps"):
-    """Predicted x0 and eps from x_t and the network's output (eps or v); if clipped, the
-    noise consistent with the clipped x0."""
-    sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
-    if prediction == "v":   # x_t = sa x0 + s1 eps and v = sa eps - s1 x0, sa^2 + s1^2 = 1
-        x0, eps = sa * x - s1 * out, s1 * x + sa * out
-    else:
-        eps = out
-        x0 = (x - s1 * eps) * (1.0 / sa)
-    if clip:
-        x0 = xp_of(x0).clip(x0, -1.0, 1.0)
-        eps = (x - sa * x0) * (1.0 / s1)
-    return x0, eps
-
-
-def sample(model, schedule, labels, rng, sampler="ddim", steps=50, guidance=1.0, eta=0.0,
-           clip=True, callback=None, progress=None, prediction="eps"):
-    """Draw images for `labels` ([B] ints on the model's backend). Returns x0 [B, C, H, W].
-
-    sampler: "ddpm" (ancestral, visits all T steps; `steps` is ignored), "ddim" (any number of
-    steps, eta = 0 deterministic), or "dpm++" (DPM-Solver++(2M), a multistep ODE solver).
-    `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
-    `prediction`: what the network outputs, "eps" or "v" (as it was trained).
-    """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    cfg = model.cfg
-    xp, dtype = xp_of(labels), model.dtype
-    B = labels.shape[0]
-    shape = (B, cfg.in_chans, cfg.img_size, cfg.img_size)
-    x = xp.asarray(rng.standard_normal(shape), dtype=dtype)                     # x_T ~ N(0, I)
-    if sampler == "ddpm":
-        ts = np.arange(schedule.T - 1, -1, -1)
-    elif sampler in ("ddim", "dpm++"):
-        ts = schedule.timesteps(steps, "logsnr" if sampler == "dpm++" else "time")
-    else:
-        raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpm++', got {sampler!r}")
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
-        a, a_next = float(schedule.abar(t)), float(schedule.abar(t_next))
-        out = guided_eps(model, x, t, labels, guidance, cfg.num_classes)
-        x0, eps = _x0_and_eps(x, out, a, clip, prediction)
-        if sampler == "ddpm":
-            x = _ddpm_step(x, x0, t, schedule, rng, xp, dtype)
-        elif sampler == "ddim":
-            x = _ddim_step(x0, eps, a, a_next, eta, rng, xp, dtype)
-        else:
-            x, h_prev = _dpmpp_2m_step(x, x0, x0_prev, a, a_next, h_prev)
-            x0_prev = x0
-        if callback is not None:
-            callback(i, x, x0)
-        if progress is not None:
-            progress.update(1)
-    return x
+    out_c, out_u = both[:B], both[B:]
+    return out_c + guidance * (out_c - out_u)
 
 
 def _ddpm_step(x, x0, t, schedule, rng, xp, dtype):

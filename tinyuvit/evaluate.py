@@ -2,35 +2,48 @@
 (tinyuvit.metrics, with tinyuvit's own MNIST classifier: no download needed)."""
 import numpy as np
 
-from .backend import to_numpy, xp_of
-from .diffusion import sample
+from .backend import to_numpy
+from .diffusion import SampleConfig
+from .errors import ConfigError
 from .parallel import on_cpu_threads
 
+# Samples per digit of `tinyuvit evaluate` (and Run.evaluate): 3,000 digits in all on a CPU,
+# 10,000 on a GPU (FID falls with the number of samples: compare runs at equal n).
+PER_DIGIT = {"cpu": 300, "gpu": 1000}
+BATCH_SIZE = 250   # images sampled at once (x2 with guidance)
 
-def sample_digits(model, schedule, per_digit, sampler="ddim", steps=50, guidance=1.0, seed=0,
-                  batch_size=250, progress=None, prediction="eps"):
+
+def check_count(name, value, least):
+    """ConfigError unless `value` is a whole number >= least; `name` is the option's spelling."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
+def sample_digits(model, diffusion, per_digit, how=None, seed=0, batch_size=BATCH_SIZE, progress=None):
     """per_digit samples of each digit 0..9 -> (images float32 [10 n, 1, 28, 28] on the host, labels)."""
-    xp = xp_of(model.decoder_pred.params["W"])
+    check_count("samples per digit (--per-digit)", per_digit, 1)
+    check_count("batch size (--batch-size)", batch_size, 1)
+    xp = model.backend.xp
     model = on_cpu_threads(model)  # every CPU core samples its share of each batch
     labels = np.repeat(np.arange(10), per_digit)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(0, len(labels), batch_size):
         y = xp.asarray(labels[i:i + batch_size])
-        out.append(to_numpy(sample(model, schedule, y, rng, sampler=sampler, steps=steps,
-                                   guidance=guidance, prediction=prediction)).astype(np.float32))
+        out.append(to_numpy(diffusion.sample(model, y, rng, how)).astype(np.float32))
         if progress is not None:
             progress.update(len(y))
     return np.concatenate(out), labels
 
 
-def evaluate_model(model, schedule, per_digit=100, sampler="ddim", steps=50, guidance=1.0, seed=0,
-                   batch_size=250, classifier=None, reference=None, data_dir=None, progress=None,
-                   prediction="eps"):
-    """dict(class_accuracy, fid, fid_floor, n, sampler, steps, guidance) for `model`'s samples."""
+def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None,
+                   reference=None, data_dir=None, progress=None):
+    """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, sampler, steps, guidance)."""
     from .metrics import evaluate_images
-    images, labels = sample_digits(model, schedule, per_digit, sampler, steps, guidance, seed,
-                                   batch_size, progress, prediction)
+    how = how or SampleConfig()
+    check_count("samples per digit (--per-digit)", per_digit, 2)   # a covariance needs several
+    images, labels = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress)
     res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir)
-    res.update(sampler=sampler, steps=steps, guidance=guidance)
+    res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance)
     return res

@@ -1,7 +1,14 @@
 """Training U-ViT on MNIST with DDPM: the loop, the run folder, checkpoints that resume.
 
+The loop (`train`) is the whole algorithm, one call a line:
+
+    draw a noisy batch -> forward -> weighted loss and its gradient -> backward
+    -> clip the gradient -> AdamW -> EMA of the weights
+
+Everything else (resume, saving, sample grids, evaluation, the loss plot) is a helper beside it.
+
 A run folder holds:
-    config.json      the run's configuration
+    config.json      the run's configuration (TrainConfig, the model config, the data used)
     metrics.jsonl    one JSON line per step: step, loss, lr, grad_norm, seconds
     loss.png         the loss curve
     samples/         10x10 grids (one row per digit) drawn with the EMA weights at intervals
@@ -12,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -19,22 +27,30 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import Backend, to_numpy, xp_of
-from .checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
-from .diffusion import PREDICTIONS, WEIGHTINGS, Schedule, diffusion_loss, sample
+from .checkpoint import config_differences, load_checkpoint, save_checkpoint
+from .data import dataset_difference
+from .diffusion import PREDICTIONS, SAMPLERS, WEIGHTINGS, Diffusion, SampleConfig
+from .errors import CheckpointError, ConfigError, TrainingError
+from .files import RunLock, atomic_write, remove_stale_parts
 from .images import plot_curves, save_grid
-from .model import UViT, UViTConfig, get_config
+from .model import PRESETS, UViT, UViTConfig, get_config
 from .optim import EMA, AdamW, clip_grad_norm, lr_at
 from .parallel import on_cpu_threads
 from .progress import Progress
 
+# ----------------------------------------------------------------------------------------
+# The configuration: every default of `tinyuvit train-mnist` lives here
+# ----------------------------------------------------------------------------------------
 
-from .errors import TrainingError  # noqa: F401,E402
+# What `--device gpu` changes in the defaults (the CPU run is TrainConfig's own defaults).
+GPU_DEFAULTS = dict(batch_size=256)
 
 
 @dataclass
 class TrainConfig:
+    """A training run. The defaults are the CPU run: 5,000 steps of 64 images, ~20-30 min."""
     preset: str = "tiny"
-    steps: int = 5000                  # steps and batch: the CPU default (cli.DEVICE_DEFAULTS)
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.03
@@ -45,19 +61,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
-    prediction: str = "v"              # what the network predicts: "v" or "eps" (U-ViT)
-    weighting: str = "min-snr+1"       # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
-    snr_gamma: float = 5.0             # the cap gamma of the weighting (diffusion.loss_weight); 0 = plain MSE
+    prediction: str = Diffusion.prediction
+    weighting: str = Diffusion.weighting
+    snr_gamma: float = Diffusion.snr_gamma
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
-    T: int = 1000
+    T: int = Diffusion.T
     seed: int = 0
     dtype: str = "float32"
     # previews and saving (may change on resume)
     sample_every: int = 1000
     save_every: int = 250
-    sampler: str = "dpm++"
-    sample_steps: int = 20
-    guidance: float = 1.0
+    sampler: str = SampleConfig.sampler
+    sample_steps: int = SampleConfig.steps
+    guidance: float = SampleConfig.guidance
     eval_every: int = 0                # class accuracy and FID every N steps (0 = never)
     eval_per_digit: int = 100
     model_overrides: dict = dataclasses.field(default_factory=dict)
@@ -66,34 +82,63 @@ class TrainConfig:
     RESUMABLE = ("steps", "sample_every", "save_every", "sampler", "sample_steps", "guidance",
                  "eval_every", "eval_per_digit")
 
+    @classmethod
+    def for_device(cls, device="cpu", **settings):
+        """The defaults for `device` ("cpu" or "gpu"), with `settings` (None = default) on top."""
+        if device not in ("cpu", "gpu"):
+            raise ConfigError(f"device (--device) must be 'cpu' or 'gpu', got {device!r}")
+        base = dict(GPU_DEFAULTS) if device == "gpu" else {}
+        base.update({k: v for k, v in settings.items() if v is not None})
+        return cls(**base)
+
     def validate(self):
+        """ConfigError naming the first invalid field (and its command-line option)."""
+        whole = lambda v, lo: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+        real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+            and math.isfinite(v)
         checks = [
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),
-            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
-            (self.lr_schedule in ("constant", "cosine"), f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"),
-            (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
-            (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
-            (self.snr_gamma >= 0, f"SNR gamma must be >= 0 (0 = off), got {self.snr_gamma}"),
-            (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}"),
-            (self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"),
-            (0 <= self.p_uncond < 1, f"label dropout must lie in [0, 1), got {self.p_uncond}"),
-            (self.T >= 2, f"T must be >= 2, got {self.T}"),
-            (self.sample_every >= 0 and self.save_every >= 0, "sample/save intervals must be >= 0 (0 = only at the end)"),
-            (self.eval_every >= 0 and self.eval_per_digit >= 2, "eval interval must be >= 0 and eval samples per digit >= 2"),
-            (self.sampler in ("ddpm", "ddim", "dpm++"), f"sampler must be ddpm, ddim or dpm++, got {self.sampler!r}"),
-            (1 <= self.sample_steps <= self.T, f"sample steps must lie in 1..{self.T}, got {self.sample_steps}"),
+            (self.preset in PRESETS, f"preset (--preset) must be one of {sorted(PRESETS)}, got {self.preset!r}"),
+            (whole(self.steps, 1), f"steps (--steps) must be a whole number >= 1, got {self.steps!r}"),
+            (whole(self.batch_size, 1), f"batch size (--batch-size) must be a whole number >= 1, got {self.batch_size!r}"),
+            (real(self.lr) and self.lr > 0, f"learning rate (--lr) must be a finite number > 0, got {self.lr!r}"),
+            (real(self.weight_decay) and self.weight_decay >= 0,
+             f"weight decay (--weight-decay) must be a finite number >= 0, got {self.weight_decay!r}"),
+            (real(self.beta1) and real(self.beta2) and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             f"AdamW betas must lie in [0, 1), got {self.beta1!r}, {self.beta2!r}"),
+            (whole(self.warmup, 0), f"warmup (--warmup) must be a whole number >= 0, got {self.warmup!r}"),
+            (self.lr_schedule in ("constant", "cosine"),
+             f"lr schedule (--lr-schedule) must be 'constant' or 'cosine', got {self.lr_schedule!r}"),
+            (real(self.grad_clip) and self.grad_clip >= 0,
+             f"gradient clip (--grad-clip) must be a finite number >= 0 (0 = off), got {self.grad_clip!r}"),
+            (real(self.ema_decay) and 0 <= self.ema_decay < 1,
+             f"EMA decay (--ema-decay) must lie in [0, 1), got {self.ema_decay!r}"),
+            (real(self.p_uncond) and 0 <= self.p_uncond < 1,
+             f"label dropout (--p-uncond) must lie in [0, 1), got {self.p_uncond!r}"),
+            (whole(self.seed, 0), f"seed (--seed) must be a whole number >= 0, got {self.seed!r}"),
+            (self.dtype in ("float32", "float64"), f"dtype (--dtype) must be float32 or float64, got {self.dtype!r}"),
+            (whole(self.sample_every, 0), f"--sample-every must be a whole number >= 0 (0 = only at the end), got {self.sample_every!r}"),
+            (whole(self.save_every, 0), f"--save-every must be a whole number >= 0 (0 = only at the end), got {self.save_every!r}"),
+            (whole(self.eval_every, 0), f"--eval-every must be a whole number >= 0 (0 = never), got {self.eval_every!r}"),
+            (whole(self.eval_per_digit, 2), f"--eval-per-digit must be a whole number >= 2, got {self.eval_per_digit!r}"),
+            (whole(self.sample_steps, 1) and self.sample_steps <= (self.T if whole(self.T, 2) else 1000),
+             f"sampler steps (--sample-steps) must lie in 1..{self.T}, got {self.sample_steps!r}"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
-        self.model_config()  # raises ValueError on a bad preset or override
+                raise ConfigError(msg)
+        self.diffusion()       # each raises ConfigError on a bad field
+        self.sample_config()
+        self.model_config()
 
     def model_config(self) -> UViTConfig:
         return get_config(self.preset, **self.model_overrides)
+
+    def diffusion(self) -> Diffusion:
+        return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma)
+
+    def sample_config(self) -> SampleConfig:
+        """How the run's sample grids are drawn."""
+        return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -121,234 +166,322 @@ def batch_indices(seed, step, batch_size, n):
     return np.concatenate(parts)
 
 
-def preview_grid(model, schedule, cfg: TrainConfig, path, seed=1234):
-    """A 10x10 grid, one row per digit, drawn with fixed noise so grids compare across steps."""
-    xp = xp_of(model.decoder_pred.params["W"])
-    labels = xp.asarray(np.repeat(np.arange(10), 10))
-    x = sample(model, schedule, labels, np.random.default_rng(seed), sampler=cfg.sampler,
-               steps=cfg.sample_steps, guidance=cfg.guidance, prediction=cfg.prediction)
-    save_grid(to_numpy(x), path, nrow=10)
+# ----------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, log=print,
+          progress=True, images=None, labels=None):
+    """Train, writing the run folder `out_dir`; returns a summary dict (step, stopped, paths).
+
+    `images`/`labels` (uint8 [N, 28, 28] / ints [N]) may be passed to skip loading MNIST.
+    Ctrl-C, SIGTERM and SIGHUP finish the step in flight, save, and return with
+    `stopped` set to the signal's name.
+    """
+    cfg.validate()
+    backend = Backend(device, cfg.dtype)
+    x_all, y_all, data_id = _training_data(backend, images, labels, data_dir, progress, log)
+    run_cfg = dict(cfg.to_dict(), data=data_id)
+    run = RunFolder(out_dir)
+    with run.open(resume):
+        model, opt, ema, start = _start_or_resume(run, run_cfg, cfg, backend, resume, log)
+        run.start_metrics(start)
+        params = model.state_dict()
+        ema_model = make_model(run_cfg["model"], backend)
+        ema_model.load_state_dict(ema.shadow)              # shares the EMA arrays: always current
+        net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)  # every CPU core: a share
+        diffusion, null_label, xp = cfg.diffusion(), model.cfg.num_classes, backend.xp
+        save = lambda step: run.save(step, params, ema, opt, run_cfg)
+        evaluator = _Evaluator(cfg, run, backend, data_dir) if cfg.eval_every else None
+        bar = Progress(cfg.steps, "train", unit="step", initial=start, disable=not progress)
+        t0, smooth, done = time.perf_counter(), None, start
+        with bar, StopSignals() as stop:
+            for step in range(start, cfg.steps):
+                if stop.name:
+                    break
+                idx = batch_indices(cfg.seed, step, cfg.batch_size, len(y_all))
+                rng = step_rng(cfg.seed, step)
+                xt, t, y, target, weight = diffusion.noisy_batch(x_all[xp.asarray(idx)], y_all[idx], rng,
+                                                                 cfg.p_uncond, null_label)
+                pred = net.forward(xt, t, y)                                    # [B, C, H, W]
+                loss, dpred = diffusion.loss(pred, target, weight)
+                net.backward(dpred)
+                grads = net.grad_dict()
+                gnorm = clip_grad_norm(grads, cfg.grad_clip)
+                _check_finite(loss, gnorm, step, run)                           # before the update
+                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
+                opt.step(grads, lr)
+                ema.update(params, step)
+
+                done = step + 1
+                smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+                run.log_step(done, loss, lr, gnorm, time.perf_counter() - t0)
+                bar.update(1, loss=f"{smooth:.4f}", **{"img/s": f"{bar.rate() * cfg.batch_size:.0f}"})
+                if done < cfg.steps:
+                    _every(done, cfg, run, save, ema_net, diffusion, evaluator, log)
+        save(done)
+        if stop.name:
+            log(f"stopped by {stop.name} at step {done}; saved {run.checkpoint}. Continue with --resume")
+            return {"step": done, "stopped": stop.name, "checkpoint": run.checkpoint}
+        run.plot_loss(cfg)
+        if start < cfg.steps or not os.path.exists(run.grid):
+            preview_grid(ema_net, diffusion, cfg.sample_config(), run.grid)
+        if evaluator and start < cfg.steps:
+            evaluator(ema_net, diffusion, done, log)
+    wall = time.perf_counter() - t0
+    last = [r["loss"] for r in run.rows[-100:]]
+    log(f"done: {done} steps in {wall / 60:.1f} min; samples {run.grid}; checkpoint {run.checkpoint}")
+    return {"step": done, "stopped": None, "checkpoint": run.checkpoint, "grid": run.grid,
+            "loss_curve": run.loss_plot, "seconds": round(wall, 1),
+            "final_loss_mean100": float(np.mean(last)) if last else None}
 
 
-class _StopFlag:
-    """Ctrl-C sets a flag that the loop reads between steps; a second Ctrl-C interrupts at once."""
+def _every(step, cfg, run, save, ema_net, diffusion, evaluator, log):
+    """What happens at intervals after a step: save, draw a grid and the loss plot, evaluate."""
+    if cfg.save_every and step % cfg.save_every == 0:
+        save(step)
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        preview_grid(ema_net, diffusion, cfg.sample_config(), os.path.join(run.path, "samples", f"step_{step:06d}.png"))
+        run.plot_loss(cfg)
+    if evaluator and step % cfg.eval_every == 0:
+        evaluator(ema_net, diffusion, step, log)
 
-    def __init__(self):
-        self.set = False
+
+def _check_finite(loss, gnorm, step, run):
+    """Stop before a NaN or infinite loss or gradient reaches the weights."""
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {gnorm}"
+        kept = f"step {run.saved_step}" if run.saved_step is not None else "none yet"
+        raise TrainingError(f"{what} at step {step}; the last good checkpoint ({kept}) is kept. "
+                            "Try a lower --lr or a longer --warmup")
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers beside the loop: data, starting or resuming, the run folder, pictures, signals
+# ----------------------------------------------------------------------------------------
+
+def _training_data(backend, images, labels, data_dir, progress, log):
+    """(images on the backend in [-1, 1] [N, 1, 28, 28], labels [N], identity of the data)."""
+    from .data import dataset_id, load_mnist
+    from .images import to_model_range
+    if images is None:
+        images, labels, source = load_mnist("train", data_dir=data_dir, quiet=not progress)
+        log(f"data: {source}, {len(images)} training digits")
+    else:
+        source = "arrays passed to train()"
+    labels = np.asarray(labels, dtype=np.int64)
+    return backend.asarray(to_model_range(images)), labels, dataset_id(images, labels, source)
+
+
+def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
+    """(model, AdamW, EMA, first step): fresh from the seed, or as the run's checkpoint left them."""
+    model = make_model(run_cfg["model"], backend, seed=cfg.seed)
+    params = model.state_dict()
+    opt = AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    ema = EMA(params, cfg.ema_decay, cfg.ema_warmup)
+    if not resume:
+        run.write_config(run_cfg)
+        return model, opt, ema, 0
+    ck = load_checkpoint(run.checkpoint, need=("params", "ema", "opt"))
+    saved = dict(ck["config"])
+    diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE + ("data",))
+    if diffs:
+        named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in diffs)
+        raise CheckpointError(f"cannot resume {run.checkpoint}: the configuration differs in {named}; "
+                              "use the same settings or a new --out folder")
+    other_data = dataset_difference(saved.get("data"), run_cfg["data"])
+    if other_data:
+        raise CheckpointError(f"cannot resume {run.checkpoint}: {other_data}; resume with the same data "
+                              "(--data-dir or $TINYUVIT_DATA) or start a new --out folder")
+    for name in params:
+        params[name][...] = backend.asarray(ck["params"][name])
+        ema.shadow[name][...] = backend.asarray(ck["ema"][name])
+    opt.load_state({k: backend.asarray(v) for k, v in ck["opt"].items()}, ck["opt_k"])
+    start = run.saved_step = ck["step"]
+    log(f"resuming from step {start} of {run.checkpoint}")
+    if cfg.lr_schedule == "cosine" and saved["steps"] != cfg.steps:
+        log(f"note: the cosine learning-rate schedule now ends at step {cfg.steps} instead of {saved['steps']}")
+    if start >= cfg.steps:
+        log(f"the run already has {start} steps (asked for {cfg.steps}); nothing to train")
+    run.write_config(run_cfg)
+    return model, opt, ema, start
+
+
+class RunFolder:
+    """A run's folder: its file names, the lock that keeps a second process out, the metrics
+    (kept in memory, appended to metrics.jsonl, flushed with every checkpoint) and saving."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        join = lambda name: os.path.join(self.path, name)
+        self.checkpoint, self.metrics, self.config = join("checkpoint.npz"), join("metrics.jsonl"), join("config.json")
+        self.loss_plot, self.grid = join("loss.png"), join("samples.png")
+        self.rows, self.saved_step, self._file = [], None, None
+
+    def open(self, resume):
+        """Lock the folder (creating it), after checking that a new run does not overwrite an
+        old one and that a resume has something to resume; a context manager."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
+        created = not os.path.exists(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        lock = RunLock(self.path)
+        try:
+            lock.__enter__()
+            has_run = os.path.exists(self.checkpoint)
+            if resume and not has_run:
+                raise CheckpointError(f"cannot resume: no checkpoint at {self.checkpoint}; "
+                                      "start without --resume or point --out at the run folder")
+            if not resume and has_run:
+                raise ConfigError(f"{self.path} already holds a run: pass --resume to continue it, "
+                                  "or choose another --out")
+            remove_stale_parts(self.path)   # temporary files of saves that a kill cut short
+        except BaseException:
+            lock.__exit__(None, None, None)
+            if created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        return _Opened(self, lock, created)
+
+    def write_config(self, run_cfg):
+        atomic_write(self.config, lambda f: f.write(json.dumps(run_cfg, indent=2, sort_keys=True).encode()))
+
+    def start_metrics(self, start):
+        """Keep the rows of steps 1..start (a resume drops rows logged after its checkpoint),
+        rewrite the file with them atomically, then append."""
+        self.rows = [r for r in _read_jsonl(self.metrics) if r.get("step", 0) <= start] if start else []
+        atomic_write(self.metrics, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.rows))
+        self._file = open(self.metrics, "a")
+
+    def log_step(self, step, loss, lr, gnorm, seconds):
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": round(gnorm, 4), "seconds": round(seconds, 2)}
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+
+    def save(self, step, params, ema, opt, run_cfg):
+        """Save a checkpoint, unless the weights are no longer finite (then stop, keeping the last)."""
+        if step == self.saved_step:
+            return
+        bad = [name for name, p in params.items() if not bool(xp_of(p).isfinite(p).all())]
+        if bad:
+            kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
+            raise TrainingError(f"the weights are no longer finite at step {step} ({bad[0]}, ...); the last "
+                                f"good checkpoint ({kept}) is kept. Try a lower --lr or a longer --warmup")
+        if self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        try:
+            save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
+                            step=step, config=run_cfg)
+        except OSError as e:   # a full disk, a folder gone read-only: the old checkpoint is whole
+            kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
+            raise CheckpointError(f"could not write {self.checkpoint} ({e.strerror or e}); the previous "
+                                  f"checkpoint ({kept}) is kept whole") from None
+        self.saved_step = step
+
+    def plot_loss(self, cfg):
+        if not self.rows:
+            return
+        steps = np.array([r["step"] for r in self.rows])
+        loss = np.array([r["loss"] for r in self.rows])
+        k = max(1, min(50, len(loss) // 20))
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        weighting = f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"
+        plot_curves(self.loss_plot, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
+                    title=f"training loss: {dict(eps='epsilon', v='v')[cfg.prediction]} MSE, {weighting}")
+
+
+class _Opened:
+    """`with run.open(resume):` holds the lock; on a failure before any checkpoint of this
+    call, a folder this call created is removed again."""
+
+    def __init__(self, run, lock, created):
+        self.run, self.lock, self.created = run, lock, created
 
     def __enter__(self):
-        self.old = signal.getsignal(signal.SIGINT)
-        try:
-            signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self.old = None
-        return self
+        return self.run
 
-    def _handler(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+    def __exit__(self, exc_type, *exc):
+        if self.run._file:
+            self.run._file.close()
+        self.lock.__exit__(exc_type, *exc)
+        if exc_type is not None and self.created and self.run.saved_step is None:
+            shutil.rmtree(self.run.path, ignore_errors=True)
 
 
-def _read_metrics(path, upto):
+def _read_jsonl(path):
     rows = []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 try:
-                    row = json.loads(line)
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= upto:
-                    rows.append(row)
+                    continue          # a line torn by a kill
     return rows
 
 
-def plot_loss(rows, path, cfg):
-    if not rows:
-        return
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows])
-    k = max(1, min(50, len(loss) // 20))
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    plot_curves(path, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
-                title=f"training loss: {dict(eps='epsilon', v='v')[cfg.prediction]} MSE, " +
-                      (f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"))
+def preview_grid(model, diffusion, how, path, seed=1234):
+    """A 10x10 grid, one row per digit, drawn with fixed noise so grids compare across steps."""
+    labels = model.backend.xp.asarray(np.repeat(np.arange(10), 10))
+    x = diffusion.sample(model, labels, np.random.default_rng(seed), how)
+    save_grid(to_numpy(x), path, nrow=10)
 
 
-def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, log=print,
-          progress=True, images=None, labels=None):
-    """Train, writing the run folder `out_dir`. Returns a summary dict.
+class StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP set `name`, which the loop reads after each step,
+    so a run stopped by a terminal, `timeout`, `docker stop` or a batch scheduler saves first.
+    Signals that arrive while stopping are noted and ignored: the save must not be cut short."""
 
-    `images`/`labels` (uint8 [N, 28, 28] / ints [N]) may be passed to skip loading MNIST.
-    """
-    cfg.validate()
-    backend = Backend(device, cfg.dtype)
-    xp = backend.xp
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint.npz")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    run_cfg = cfg.to_dict()
+    SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
 
-    model = make_model(run_cfg["model"], backend, seed=cfg.seed)
-    params = model.state_dict()
-    opt = AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    ema = EMA(params, cfg.ema_decay, cfg.ema_warmup)
-    start = 0
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}; "
-                                  "start without --resume or point --out at the run folder")
-        ck = load_checkpoint(ckpt_path)
-        diffs = config_differences(ck["config"], run_cfg, ignore=TrainConfig.RESUMABLE)
-        if diffs:
-            named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in diffs)
-            raise CheckpointError(f"cannot resume {ckpt_path}: the configuration differs in {named}; "
-                                  "use the same settings or a new --out folder")
-        for name in params:
-            params[name][...] = backend.asarray(ck["params"][name])
-            ema.shadow[name][...] = backend.asarray(ck["ema"][name])
-        opt.load_state({k: backend.asarray(v) for k, v in ck["opt"].items()}, ck["opt_k"])
-        start = ck["step"]
-        log(f"resuming from step {start} of {ckpt_path}")
-        if cfg.lr_schedule == "cosine" and ck["config"]["steps"] != cfg.steps:
-            log(f"note: the cosine learning-rate schedule now ends at step {cfg.steps} "
-                f"instead of {ck['config']['steps']}")
-        if start >= cfg.steps:
-            log(f"the run already has {start} steps (asked for {cfg.steps}); nothing to train")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(run_cfg, f, indent=2, sort_keys=True)
+    def __init__(self):
+        self.name, self.old = None, {}
 
-    if images is None:
-        from .data import load_mnist
-        images, labels, source = load_mnist("train", data_dir=data_dir, quiet=not progress)
-        log(f"data: {source}, {len(images)} training digits")
-    from .data import to_model_range
-    x_all = backend.asarray(to_model_range(images))                     # [N, 1, 28, 28] in [-1, 1]
-    y_all = np.asarray(labels, dtype=np.int64)
-    n = len(images)
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self.old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return self
 
-    schedule = Schedule(cfg.T)
-    ema_model = make_model(run_cfg["model"], backend)
-    ema_model.load_state_dict(ema.shadow)  # shares the EMA arrays: always current
-    # On the CPU, every core runs the model on its share of each batch (tinyuvit.parallel).
-    net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)
-    rows = _read_metrics(metrics_path, start)
-    metrics_file = open(metrics_path, "w")
-    for r in rows:
-        metrics_file.write(json.dumps(r) + "\n")
+    def _handler(self, signum, frame):
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+        else:
+            os.write(2, b"\nalready stopping: the checkpoint is saved after the step in flight\n")
 
-    evaluator = _Evaluator(cfg, out_dir, backend, data_dir, start) if cfg.eval_every else None
-
-    def save(step):
-        save_checkpoint(ckpt_path, params=params, ema=ema.shadow, opt_state=opt.state(),
-                        opt_k=opt.k, step=step, config=run_cfg)
-        metrics_file.flush()
-
-    step = start
-    smooth = None
-    stopped = None
-    t0 = time.perf_counter()
-    bar = Progress(cfg.steps, "train", unit="step", initial=start, disable=not progress)
-    try:
-        with _StopFlag() as stop:
-            while step < cfg.steps:
-                if stop.set:
-                    stopped = "interrupted"
-                    break
-                rng = step_rng(cfg.seed, step)
-                idx = batch_indices(cfg.seed, step, cfg.batch_size, n)
-                loss, dpred = diffusion_loss(net, schedule, x_all[xp.asarray(idx)], y_all[idx], rng,
-                                             cfg.p_uncond, model.cfg.num_classes, cfg.snr_gamma, cfg.prediction,
-                                             cfg.weighting)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss} at step {step}; the last good checkpoint "
-                        f"({'step %d' % _saved_step(ckpt_path) if os.path.exists(ckpt_path) else 'none yet'}) is kept. "
-                        "Try a lower --lr or a longer warmup")
-                net.backward(dpred)
-                grads = net.grad_dict()
-                gnorm = clip_grad_norm(grads, cfg.grad_clip)
-                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
-                opt.step(grads, lr)
-                ema.update(params, step)
-                step += 1
-                smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
-                metrics_file.write(json.dumps({"step": step, "loss": loss, "lr": lr,
-                                               "grad_norm": round(gnorm, 4),
-                                               "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
-                bar.update(1, loss=f"{smooth:.4f}", **{"img/s": f"{bar.rate() * cfg.batch_size:.0f}"})
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    save(step)
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                    preview_grid(ema_net, schedule, cfg, os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
-                    plot_loss(_read_metrics_flush(metrics_file, metrics_path, step), os.path.join(out_dir, "loss.png"), cfg)
-                if evaluator and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    res = evaluator(ema_net, schedule, step)
-                    log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
-                        f"(floor {res['fid_floor']:.2f})")
-    finally:
-        bar.close()
-        if stopped or step >= cfg.steps:
-            save(step)
-        metrics_file.close()
-    if stopped:
-        log(f"stopped by Ctrl-C at step {step}; saved {ckpt_path}. Continue with --resume")
-        return {"step": step, "stopped": True, "checkpoint": ckpt_path}
-    rows = _read_metrics(metrics_path, step)
-    plot_loss(rows, os.path.join(out_dir, "loss.png"), cfg)
-    final_grid = os.path.join(out_dir, "samples.png")
-    if start < cfg.steps or not os.path.exists(final_grid):
-        preview_grid(ema_net, schedule, cfg, final_grid)
-    wall = time.perf_counter() - t0
-    last = [r["loss"] for r in rows[-100:]]
-    summary = {"step": step, "stopped": False, "checkpoint": ckpt_path, "grid": final_grid,
-               "loss_curve": os.path.join(out_dir, "loss.png"), "seconds": round(wall, 1),
-               "final_loss_mean100": float(np.mean(last)) if last else None}
-    log(f"done: {step} steps in {wall / 60:.1f} min; samples {final_grid}; checkpoint {ckpt_path}")
-    return summary
+    def __exit__(self, *exc):
+        for s, old in self.old.items():
+            signal.signal(s, old)
 
 
 class _Evaluator:
     """Class accuracy and FID of the EMA model during training -> evals.jsonl and eval.png."""
 
-    def __init__(self, cfg, out_dir, backend, data_dir, start):
+    def __init__(self, cfg, run, backend, data_dir):
         from .metrics import load_classifier, reference_stats
-        self.cfg, self.out_dir = cfg, out_dir
-        self.path = os.path.join(out_dir, "evals.jsonl")
+        self.cfg, self.run = cfg, run
+        self.path, self.plot = os.path.join(run.path, "evals.jsonl"), os.path.join(run.path, "eval.png")
         self.classifier = load_classifier(backend=backend)
         self.reference = reference_stats(self.classifier, data_dir=data_dir)
-        self.rows = [r for r in _read_metrics(self.path, start)]
+        self.rows = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= (run.saved_step or 0)]
 
-    def __call__(self, model, schedule, step):
+    def __call__(self, model, diffusion, step, log):
         from .evaluate import evaluate_model
         c = self.cfg
-        res = evaluate_model(model, schedule, c.eval_per_digit, c.sampler, c.sample_steps, c.guidance,
-                             classifier=self.classifier, reference=self.reference, prediction=c.prediction)
+        res = evaluate_model(model, diffusion, c.eval_per_digit, c.sample_config(), classifier=self.classifier,
+                             reference=self.reference)
         self.rows.append(dict(step=step, **res))
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        atomic_write(self.path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.rows))
         steps = [r["step"] for r in self.rows]
-        plot_curves(os.path.join(self.out_dir, "eval.png"),
-                    {"FID": (steps, [r["fid"] for r in self.rows]),
-                     "FID floor": (steps, [r["fid_floor"] for r in self.rows]),
-                     "class error (1 - accuracy) x 100": (steps, [100 * (1 - r["class_accuracy"]) + 1e-3 for r in self.rows])},
-                    title=f"EMA samples, {c.eval_per_digit}/digit, {c.sampler} {c.sample_steps} steps, guidance {c.guidance}")
+        plot_curves(self.plot, {"FID": (steps, [r["fid"] for r in self.rows]),
+                                "FID floor": (steps, [r["fid_floor"] for r in self.rows]),
+                                "class error (1 - accuracy) x 100": (steps, [100 * (1 - r["class_accuracy"]) + 1e-3
+                                                                            for r in self.rows])},
+                    title=f"EMA samples, {c.eval_per_digit}/digit, {c.sampler} {c.sample_steps} steps, "
+                          f"guidance {c.guidance}")
+        log(f"step {step}: class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.2f} "
+            f"(floor {res['fid_floor']:.2f})")
         return res
-
-
-def _saved_step(path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return int(z["step"])
-    except Exception:
-        return -1
-
-
-def _read_metrics_flush(f, path, upto):
-    f.flush()
-    return _read_metrics(path, upto)
