@@ -14,7 +14,8 @@ import argparse
 import time
 
 from tinyuvit.backend import Backend
-from tinyuvit.data import load_mnist, to_model_range
+from tinyuvit.data import load_mnist
+from tinyuvit.images import to_model_range
 from tinyuvit.vit import ViT, ViTConfig, accuracy, fit
 
 

@@ -10,8 +10,9 @@ import argparse
 import numpy as np
 
 from tinyuvit.backend import Backend
-from tinyuvit.data import load_mnist, to_model_range
+from tinyuvit.data import load_mnist
 from tinyuvit.diffusion import Schedule
+from tinyuvit.images import to_model_range
 from tinyuvit.model import UViT, get_config
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from tinyuvit import data
 from tinyuvit.data import DataError
+from tinyuvit.images import from_model_range, to_model_range
 
 FULL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 HAVE_FULL = all((FULL / (name + ".gz")).is_file() for name in data.FILES)
@@ -210,6 +211,22 @@ def test_partial_cache_without_download_falls_back():
     assert data.load_mnist("test", download=False, quiet=True)[2] == "embedded subset"
 
 
+def test_idx_reader_stands_alone(tmp_path):
+    from tinyuvit import idx
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    blob = idx.IMAGE_MAGIC.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    (tmp_path / "x").write_bytes(blob + images.tobytes())
+    (tmp_path / "x.gz").write_bytes(gzip.compress(blob + images.tobytes()))
+    assert np.array_equal(idx.read_idx(tmp_path / "x"), images)
+    assert np.array_equal(idx.read_idx(tmp_path / "x.gz"), images)
+    (tmp_path / "short").write_bytes(blob + images.tobytes()[:-1])
+    with pytest.raises(DataError, match=r"truncated \(header says \(2, 3, 4\)") as info:
+        idx.read_idx(tmp_path / "short")
+    assert "--data-dir" not in str(info.value)          # the download advice is data.py's
+    with pytest.raises(DataError, match="--data-dir"):
+        data.read_idx(tmp_path / "short")
+
+
 # ----- search order ----------------------------------------------------------------------------
 
 @needs_full
@@ -307,12 +324,30 @@ def test_download_rejects_bad_content(tmp_path, server, kind):
 def test_model_range_round_trip():
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     images[0, 0, :2] = [0, 255]
-    x = data.to_model_range(images)
+    x = to_model_range(images)
     assert x.shape == (5, 1, 28, 28) and x.dtype == np.float32
     assert x.min() == -1.0 and x.max() == 1.0
-    assert np.array_equal(data.from_model_range(x), images)
-    assert np.array_equal(data.from_model_range(x[:, 0]), images)
+    assert np.array_equal(from_model_range(x), images)
+    assert np.array_equal(from_model_range(x[:, 0]), images)
     noisy = x + np.float32(0.002)  # less than half a grey level
-    assert np.array_equal(data.from_model_range(noisy), images)
-    out = data.from_model_range(np.array([[[[-3.0, 3.0, 0.0]]]], np.float32))
+    assert np.array_equal(from_model_range(noisy), images)
+    out = from_model_range(np.array([[[[-3.0, 3.0, 0.0]]]], np.float32))
     assert out.dtype == np.uint8 and out.tolist() == [[[0, 255, 128]]]
+
+
+# ----- data identity ---------------------------------------------------------------------------
+
+def test_dataset_id_tells_full_from_subset_and_ignores_the_folder(full, tmp_path):
+    x, y = full["train"]
+    a = data.dataset_id(x, y, "full MNIST (/somewhere)")
+    assert a == {"source": "full MNIST", "n": 60000, "sha256": a["sha256"]} and len(a["sha256"]) == 16
+    assert data.dataset_id(x, y, "full MNIST (/elsewhere)") == a
+    sx, sy, source = data.load_mnist("train", download=False, quiet=True)
+    b = data.dataset_id(sx, sy, source)
+    assert b["source"] == "embedded subset" and b["n"] == 10000 and b["sha256"] != a["sha256"]
+    assert data.dataset_difference(a, dict(a)) is None and data.dataset_difference(None, a) is None
+    said = data.dataset_difference(a, b)
+    assert said.startswith("the checkpoint trained on full MNIST (60000 digits") and "embedded subset" in said
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % 10                       # one label changed: other data
+    assert data.dataset_id(x, y2, "full MNIST")["sha256"] != a["sha256"]

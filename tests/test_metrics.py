@@ -66,7 +66,8 @@ def test_sample_statistics_and_singular_covariances():
 @pytest.fixture(scope="module")
 def mnist():
     """(test images, test labels, data_dir): the full test set where it is present, else the subset."""
-    from tinyuvit.data import load_mnist, to_model_range
+    from tinyuvit.data import load_mnist
+    from tinyuvit.images import to_model_range
     data_dir = str(MNIST_DIR) if MNIST_DIR.is_dir() else None
     images, labels, source = load_mnist("test", data_dir=data_dir, download=False, quiet=True)
     if len(labels) < 1000:

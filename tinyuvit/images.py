@@ -1,9 +1,30 @@
-"""Pictures: sample grids (PNG), denoising animations (GIF) and loss curves (PNG)."""
+"""Pictures: pixels to the model's range and back, sample grids (PNG), denoising animations
+(GIF) and loss curves (PNG)."""
 
 import numpy as np
 
-from .data import from_model_range
+from .backend import to_numpy
 from .files import atomic_write
+
+
+def to_model_range(images_uint8):
+    """uint8 images [N, 28, 28] -> float32 [N, 1, 28, 28] in [-1, 1] (x / 127.5 - 1)."""
+    x = np.asarray(images_uint8)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected images [N, 28, 28] or [N, 1, 28, 28], got shape {x.shape}")
+    return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_model_range(x):
+    """Model-range images [N, 1, H, W] or [N, H, W] (any backend) -> uint8 [N, H, W]."""
+    x = to_numpy(x)
+    if x.ndim == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected one channel, got shape {x.shape}")
+        x = x[:, 0]
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def grid(images, nrow, pad=2, scale=2):

@@ -43,7 +43,7 @@ def _as_images(images):
     """Accept float [N, 1, 28, 28] in [-1, 1] (the convention), or uint8 [N, 28, 28] pixels."""
     images = to_numpy(images)
     if images.dtype == np.uint8:
-        from .data import to_model_range
+        from .images import to_model_range
         images = to_model_range(images.reshape(-1, *images.shape[-2:]))
     if images.ndim == 3:
         images = images[:, None]
@@ -161,7 +161,8 @@ def reference_stats(model=None, data_dir=None, cache=True, floor_n=10000, batch_
     Takes about 8 s on 2 CPU cores; cached in ~/.cache/tinyuvit/ under the classifier's hash and
     the data (full MNIST, or the embedded subset when it is all there is); cache=False recomputes.
     """
-    from .data import find_mnist, load_mnist, to_model_range
+    from .data import find_mnist, load_mnist
+    from .images import to_model_range
 
     model = model or load_classifier()
     path = _cache_path(model, "full" if find_mnist(data_dir) else "subset", floor_n)

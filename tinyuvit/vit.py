@@ -268,7 +268,8 @@ def train_classifier(out_path, epochs=18, batch_size=128, lr=2e-3, seed=0, data_
     num_params, config, data (where the digits came from), out_path. The weights are saved with
     these results (less out_path) as the checkpoint's "meta".
     """
-    from .data import load_mnist, to_model_range
+    from .data import load_mnist
+    from .images import to_model_range
 
     cfg = config or ViTConfig()
     train_u8, train_y, source = load_mnist("train", data_dir=data_dir, download=download, quiet=not progress)
