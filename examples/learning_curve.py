@@ -29,9 +29,7 @@ def main():
     ap.add_argument("--out", default="runs/curve")
     args = ap.parse_args()
 
-    from tinyuvit.cli import _load_run
-    from tinyuvit.evaluate import evaluate_model
-    from tinyuvit.metrics import load_classifier, reference_stats
+    import tinyuvit
     from tinyuvit.progress import Progress
 
     os.makedirs(args.out, exist_ok=True)
@@ -39,19 +37,14 @@ def main():
     for spec in args.curve:
         name, paths = spec.split(":", 1)
         for path in paths.split():
-            ck, backend, model, schedule = _load_run(path, args.device)
-            classifier = load_classifier(backend=backend)
-            reference = reference_stats(classifier, data_dir=args.data_dir)
-            floor_same_n = reference_stats(classifier, data_dir=args.data_dir,
-                                           floor_n=10 * args.per_digit)["fid_floor"]
-            with Progress(10 * args.per_digit, f"{name} step {ck['step']}", unit="img") as bar:
-                res = evaluate_model(model, schedule, args.per_digit, args.sampler, args.steps,
-                                     args.guidance, classifier=classifier, reference=reference,
-                                     progress=bar, prediction=ck["config"]["prediction"])
-            rows.setdefault(name, []).append(dict(step=int(ck["step"]), checkpoint=path,
-                                                  fid_floor_same_n=float(floor_same_n), **res))
-            print(f"{name:14s} step {ck['step']:6d}  class accuracy {100 * res['class_accuracy']:5.1f}%"
-                  f"  FID {res['fid']:7.2f}  (floor {floor_same_n:.2f} for as many real digits)", flush=True)
+            run = tinyuvit.load(path, args.device)      # the run knows what its network predicts
+            with Progress(10 * args.per_digit, f"{name} step {run.step}", unit="img") as bar:
+                res = run.evaluate(args.per_digit, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                   data_dir=args.data_dir, progress=bar)
+            rows.setdefault(name, []).append(dict(checkpoint=path, step=run.step, **res))
+            print(f"{name:14s} step {run.step:6d}  class accuracy {100 * res['class_accuracy']:5.1f}%"
+                  f"  FID {res['fid']:7.2f}  (floor {res['fid_floor_same_n']:.2f} for as many real digits)",
+                  flush=True)
     for rs in rows.values():
         rs.sort(key=lambda r: r["step"])
     with open(os.path.join(args.out, "curve.json"), "w") as f:

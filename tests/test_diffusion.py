@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from tinyuvit.diffusion import Schedule, _x0_and_eps, diffusion_loss, guided_eps, sample
+from tinyuvit.diffusion import Diffusion, SampleConfig, Schedule, guided_output
+from tinyuvit.errors import ConfigError
 from tinyuvit.model import UViTConfig
 
 
@@ -59,8 +60,8 @@ class VelocityOracle(GaussianOracle):
 
 def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
     labels = np.zeros(n, dtype=np.int64)
-    return sample(oracle, oracle.schedule, labels, np.random.default_rng(seed), sampler=sampler,
-                  steps=steps, guidance=0.0, clip=clip, prediction=prediction)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip)
+    return Diffusion(prediction=prediction).sample(oracle, labels, np.random.default_rng(seed), how)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
@@ -71,7 +72,7 @@ def test_v_prediction_samples_the_same_as_eps_prediction(sampler):
         a = _draw(eps_model, sampler, 20, n=64, clip=clip)
         b = _draw(v_model, sampler, 20, n=64, clip=clip, prediction="v")
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-9)
-    with pytest.raises(ValueError, match="prediction must be"):
+    with pytest.raises(ConfigError, match="prediction must be"):
         _draw(v_model, sampler, 20, prediction="x0")
 
 
@@ -98,12 +99,16 @@ def test_loss_targets_and_weights(prediction, weighting):
             return target + self.offset
 
     m = Exact()
-    loss, d = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction,
-                             weighting=weighting)
+    diffusion = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0)
+
+    def loss_of(model):
+        xt, t, labels, target, w = diffusion.noisy_batch(x0, y, np.random.default_rng(7), 0.1, 3)
+        return diffusion.loss(model.forward(xt, t, labels), target, w)
+
+    loss, d = loss_of(m)
     assert loss < 1e-12 and np.abs(d).max() < 1e-12
     m.offset = 1.0
-    loss, _ = diffusion_loss(m, sched, x0, y, np.random.default_rng(7), snr_gamma=5.0, prediction=prediction,
-                             weighting=weighting)
+    loss, _ = loss_of(m)
     a = sched.abar(np.random.default_rng(7).integers(0, sched.T, size=64))
     snr = a / (1 - a)
     w = np.minimum(snr + (weighting == "min-snr+1"), 5.0) / (snr if prediction == "eps" else snr + 1)
@@ -132,10 +137,10 @@ def test_clipping_recomputes_the_noise_from_the_clipped_x0():
     a = 0.3
     rng = np.random.default_rng(0)
     x, eps = rng.standard_normal((2, 1, 1, 4, 4)) * 3
-    x0, eps2 = _x0_and_eps(x, eps, a, clip=True)
+    x0, eps2 = Diffusion(prediction="eps").x0_and_eps(x, eps, a, clip=True)
     assert x0.min() >= -1 and x0.max() <= 1
     np.testing.assert_allclose(math.sqrt(a) * x0 + math.sqrt(1 - a) * eps2, x, atol=1e-12)
-    x0u, epsu = _x0_and_eps(x, eps, a, clip=False)
+    x0u, epsu = Diffusion(prediction="eps").x0_and_eps(x, eps, a, clip=False)
     np.testing.assert_array_equal(epsu, eps)
 
 
@@ -146,12 +151,35 @@ def test_guidance_convention():
 
     x = np.zeros((2, 1, 2, 2))
     y = np.array([1, 2])
-    np.testing.assert_array_equal(guided_eps(Fake(), x, 5, y, 0.0, 10)[:, 0, 0, 0], [1, 2])
+    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 0.0, 10)[:, 0, 0, 0], [1, 2])
     # eps = eps_c + s (eps_c - eps_u) = 1 + 2 (1 - 10) = -17
-    np.testing.assert_array_equal(guided_eps(Fake(), x, 5, y, 2.0, 10)[:, 0, 0, 0], [-17, -14])
+    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 2.0, 10)[:, 0, 0, 0], [-17, -14])
 
 
-def test_unknown_sampler_is_refused():
+def test_unknown_sampler_and_bad_settings_are_refused_naming_the_option():
     oracle = GaussianOracle(Schedule(), 0.0, 1.0)
-    with pytest.raises(ValueError, match="sampler must be"):
+    with pytest.raises(ConfigError, match="--sampler"):
         _draw(oracle, "euler", 10)
+    for bad, option in [(dict(steps=0), "--steps"), (dict(guidance=float("nan")), "--guidance"),
+                        (dict(guidance=-1.0), "--guidance"), (dict(eta=2.0), "--eta"), (dict(steps=2.5), "--steps")]:
+        with pytest.raises(ConfigError, match=option):
+            SampleConfig(**bad)
+    with pytest.raises(ConfigError, match="--steps"):
+        _draw(oracle, "ddim", 1001)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_one_sampler_step_goes_from_noise_to_the_predicted_x0(sampler):
+    """steps = 1 is allowed: x0 predicted at t = T - 1 is the sample."""
+    oracle = GaussianOracle(Schedule(), mu=0.3, s=0.2)
+    x = _draw(oracle, sampler, 1, n=4000)
+    a = Schedule().abar(999)   # E[x0 | x_T] = mu + small: nearly the data mean, a tiny spread
+    assert abs(x.mean() - 0.3) < 0.01 and x.std() < 0.2 * math.sqrt(a) * 2 + 0.01
+
+
+def test_diffusion_round_trips_through_a_run_config():
+    d = Diffusion(T=500, prediction="eps", weighting="min-snr", snr_gamma=2.0)
+    assert Diffusion.from_dict(dict(d.to_dict(), lr=0.1, model={})) == d
+    assert Diffusion.from_dict({}) == Diffusion()
+    with pytest.raises(ConfigError, match="T must be"):
+        Diffusion(T=0)

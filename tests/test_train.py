@@ -13,6 +13,7 @@ import tinyuvit.train as train_mod
 from tinyuvit.backend import cupy_status
 from tinyuvit.checkpoint import CheckpointError, load_checkpoint
 from tinyuvit.cli import main
+from tinyuvit.diffusion import Diffusion
 from tinyuvit.train import TrainConfig, TrainingError, train
 
 # constant lr after warmup: a run extended from 4 to 6 steps then has the same schedule as a
@@ -97,8 +98,11 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
 
 
 def test_bad_options_and_checkpoints_give_one_line(tmp_path):
-    for args, words in [(["--steps", 0], "steps must be"), (["--lr", "-1"], "learning rate"),
-                        (["--batch-size", 0], "batch size")]:
+    for args, words in [(["--steps", 0], "--steps"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+                        (["--batch-size", 0], "--batch-size"), (["--seed", -1], "--seed"),
+                        (["--guidance", "nan"], "--guidance"), (["--sample-steps", 0], "--sample-steps"),
+                        (["--p-uncond", "inf"], "--p-uncond"), (["--snr-gamma", "nan"], "--snr-gamma"),
+                        (["--eval-per-digit", 1], "--eval-per-digit"), (["--threads", 0], "--threads")]:
         r = run("train-mnist", "--out", tmp_path / "x", *args, "--quiet")
         assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output  # nothing else printed
     bad = tmp_path / "broken.npz"
@@ -132,7 +136,7 @@ def _digits():
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     images, labels = _digits()
-    real = train_mod.diffusion_loss
+    real = Diffusion.loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -140,7 +144,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         loss, d = real(*args, **kwargs)
         return (float("nan"), d) if calls["n"] == 4 else (loss, d)
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    monkeypatch.setattr(Diffusion, "loss", staticmethod(poisoned))
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*step 2"):
         train(_tiny_cfg(), tmp_path, images=images, labels=labels, progress=False, log=lambda m: None)
     assert load_checkpoint(tmp_path / "checkpoint.npz")["step"] == 2
@@ -186,8 +190,3 @@ def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
     assert load_checkpoint(path)["config"]["prediction"] == "eps"
     save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config={"prediction": "v"})
     assert load_checkpoint(path)["config"]["prediction"] == "v"
-
-
-def test_cpu_defaults_of_the_cli_are_the_train_config_defaults():
-    from tinyuvit.cli import DEVICE_DEFAULTS
-    assert DEVICE_DEFAULTS["cpu"] == dict(steps=TrainConfig.steps, batch_size=TrainConfig.batch_size)

@@ -10,4 +10,4 @@ from .api import Run, load  # noqa: E402,F401
 from .diffusion import Diffusion, SampleConfig  # noqa: E402,F401
 from .errors import TinyUViTError  # noqa: E402,F401
 from .model import PRESETS, UViT, UViTConfig, get_config  # noqa: E402,F401
-from .train import TrainConfig, train  # noqa: E402,F401
+from .train import TrainConfig  # noqa: E402,F401  (the loop: tinyuvit.train.train)

@@ -57,6 +57,9 @@ class Backend:
         """Move a host (or device) array here, cast to the compute dtype unless told otherwise."""
         return self.xp.asarray(a, dtype=self.dtype if dtype is None else dtype)
 
+    def __deepcopy__(self, memo):  # holds a module: copies of a model share their backend
+        return self
+
     def __repr__(self):
         return f"Backend(device={self.device!r}, dtype={self.dtype_name!r})"
 
@@ -154,8 +157,9 @@ def set_cpu_threads(n):
     global _THREADS
     if n is None:
         return
-    if n < 1:
-        raise ValueError(f"threads must be >= 1, got {n}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        from .errors import ConfigError
+        raise ConfigError(f"threads (--threads) must be a whole number >= 1, got {n!r}")
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=n)
     _THREADS = n

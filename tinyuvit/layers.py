@@ -78,6 +78,7 @@ class Module:
         for _, m, k in self.named_parameters():
             m.params[k] = backend.asarray(to_numpy(m.params[k]))
             m.grads.pop(k, None)
+        self._backend = backend
         return self
 
 

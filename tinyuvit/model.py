@@ -141,9 +141,18 @@ class UViT(Module):
         self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
 
     @property
+    def backend(self):
+        """The Backend (NumPy or CuPy, and the float dtype) that the parameters live on."""
+        if getattr(self, "_backend", None) is None:
+            from .backend import Backend
+            W = self.decoder_pred.params["W"]
+            self._backend = Backend("cpu" if xp_of(W) is np else "gpu", W.dtype.name)
+        return self._backend
+
+    @property
     def dtype(self):
         """The parameters' float dtype (float32 for training, float64 for gradient checks)."""
-        return self.decoder_pred.params["W"].dtype
+        return self.backend.dtype
 
     def check_inputs(self, x, t, y):
         """Refuse wrong shapes and labels before any computation, naming what was expected."""
