@@ -214,3 +214,69 @@ def test_unwritable_folder_says_no_checkpoint_survived(tmp_path):
         save_checkpoint(path, **arrays_of(run_config()))
     assert str(path) in str(info.value)
     assert checkpoint.checkpoint_step(path) is None
+
+
+# ----- the classifier trainer ------------------------------------------------------------------
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, an empty cache: MNIST is the embedded subset (10,000 training digits)."""
+    from tinyuvit import data
+    monkeypatch.setattr(data, "MIRRORS", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TINYUVIT_DATA", raising=False)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(epochs=float("nan")), "--epochs must be a finite number > 0, got nan"),
+    (dict(epochs=float("inf")), "--epochs must be a finite number > 0, got inf"),
+    (dict(epochs=0), "--epochs must be a finite number > 0, got 0"),
+    (dict(epochs=-2.0), "--epochs"),
+    (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
+    (dict(lr=float("inf")), "--lr"),
+    (dict(lr=0.0), "--lr"),
+    (dict(batch_size=0), "--batch-size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.5), "--batch-size"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+])
+def test_classifier_options_out_of_range(tmp_path, options, words):
+    from tinyuvit.errors import ConfigError
+    from tinyuvit.vit import train_classifier
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        train_classifier(tmp_path / "c.npz", progress=False, **options)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_classifier_epochs_that_train_no_step(tmp_path, offline):
+    from tinyuvit.errors import ConfigError
+    from tinyuvit.vit import train_classifier
+    with pytest.raises(ConfigError, match=r"--epochs 0.001 trains 0 steps of 128 on 10000 digits; "
+                                          r"give --epochs >= 0.013"):
+        train_classifier(tmp_path / "c.npz", epochs=0.001, progress=False)
+
+
+def test_classifier_output_path_is_checked_first(good):
+    from tinyuvit.errors import ConfigError
+    from tinyuvit.vit import train_classifier
+    with pytest.raises(ConfigError, match="is a training checkpoint"):
+        train_classifier(good, progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_classifier(good.parent / "missing" / "c.npz", progress=False)
+
+
+def test_classifier_with_nan_weights_is_not_saved(tmp_path, offline, monkeypatch):
+    from tinyuvit import vit
+    from tinyuvit.errors import TrainingError
+
+    def diverge(model, *args, **kwargs):
+        model.head.params["W"][...] = np.nan
+        return float("nan"), 0.1, 1000.0
+
+    monkeypatch.setattr(vit, "fit", diverge)
+    out = tmp_path / "c.npz"
+    with pytest.raises(TrainingError, match=r"diverged: after 1 steps 1 weight arrays \(e.g. head.W\) "
+                                            r"hold NaN .* nothing was saved .* lower --lr"):
+        vit.train_classifier(out, steps=1, progress=False,
+                             config=vit.ViTConfig(dim=16, depth=1, num_heads=2))
+    assert not out.exists()
