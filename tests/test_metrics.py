@@ -108,3 +108,39 @@ def test_reference_stats_cache_and_fid_of_real_digits(classifier, mnist, tmp_pat
     noise = np.random.default_rng(0).uniform(-1, 1, (500, 1, 28, 28)).astype(np.float32)
     bad = metrics.evaluate_images(noise, np.zeros(500, int), classifier, reference=ref)
     assert real["fid"] < 3 * ref["fid_floor"] + 1 and bad["fid"] > 20 * real["fid"]
+
+
+# ----------------------------------------------------------------------------------------
+# Classifier files that are not classifiers: one line each
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "no classifier at"),
+    ("folder", "(a folder)"),
+    ("text", "is not a tinyuvit classifier (an .npz file)"),
+    ("no config", "no config entry"),
+    ("truncated", "BadZipFile"),
+    ("bad config", "dim 5 must be divisible by num_heads 4"),
+    ("wrong weights", "parameter names differ"),
+])
+def test_bad_classifier_files_are_one_line(tmp_path, case, words):
+    from tinyuvit.errors import DataError
+    path = tmp_path / "c.npz"
+    if case == "folder":
+        path = tmp_path
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "no config":
+        np.savez(path, a=np.zeros(2))
+    elif case == "truncated":
+        raw = metrics.DEFAULT_CLASSIFIER.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "bad config":
+        np.savez(path, config=np.array('{"dim": 5}'))
+    elif case == "wrong weights":
+        np.savez(path, config=np.array('{"dim": 16, "num_heads": 2}'), **{"head.W": np.zeros((3, 3))})
+    with pytest.raises(DataError) as info:
+        metrics.load_classifier(path)
+    message = str(info.value)
+    assert words in message and str(path) in message and "\n" not in message, message
+    assert "pickle" not in message and "train-classifier --out" in message

@@ -184,9 +184,13 @@ def test_corrupt_checkpoint_is_refused_not_used(tmp_path):
 
 
 def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
+    # with a real config and arrays: tests/test_reliability.py (a config needs its model now)
     from tinyuvit.checkpoint import save_checkpoint
     path = tmp_path / "checkpoint.npz"
-    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config={"steps": 3})
-    assert load_checkpoint(path)["config"]["prediction"] == "eps"
-    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config={"prediction": "v"})
-    assert load_checkpoint(path)["config"]["prediction"] == "v"
+    old = _tiny_cfg().to_dict()
+    del old["prediction"], old["weighting"]
+    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config=old)
+    assert load_checkpoint(path, need=())["config"]["prediction"] == "eps"
+    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config=dict(old, prediction="v"))
+    assert load_checkpoint(path, need=())["config"]["prediction"] == "v"
+

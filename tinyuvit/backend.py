@@ -80,7 +80,7 @@ def erf(x):
     """The error function on whichever backend owns `x` (NumPy itself has none).
 
     NumPy float64 (gradient checks) uses scipy's erf; NumPy float32 (training) uses
-    `_erf_rational`, within 4e-7 of it and ~3x faster."""
+    `_erf_rational`, within 4e-7 of it and 7x faster (timings below `_ERF_Q`)."""
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
@@ -117,7 +117,10 @@ def elementwise(f, x):
 # The degree-5 / degree-5 coefficients were fitted by weighted least squares (Lawson's
 # iteration towards minimax) to scipy's erf on 20,001 points: max error 2e-8 in float64,
 # 4e-7 when evaluated in float32 (tests/test_layers.py checks it). scipy's float32 erf is
-# scalar code, ~25x slower than np.exp; these are a dozen vectorized multiply-adds.
+# scalar code; these are a dozen vectorized multiply-adds. Measured on one 32,768-element
+# float32 piece (what GELU passes, see `elementwise`), A/B in one process, medians of 75 calls
+# on a shared 2-core machine: scipy 0.36 ms, this 0.052 ms (7x faster), np.exp 0.011 ms
+# (scipy's erf costs 32 np.exp, this one 4.5).
 _ERF_P = (1.12837898e+00, 1.96249222e-01, 5.34675090e-02, 4.00365776e-03, 2.88041923e-04,
           1.97482983e-06)
 _ERF_Q = (1.0, 5.07252503e-01, 1.16476527e-01, 1.54444430e-02, 1.21636339e-03, 3.74808893e-05)

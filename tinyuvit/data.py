@@ -20,7 +20,6 @@ import numpy as np
 
 from . import idx
 from .files import atomic_write
-from .images import from_model_range, to_model_range  # noqa: F401  moved: re-export for modules not yet updated
 from .progress import Progress
 
 # SHA-256 of the decompressed files (a mirror's .gz may differ byte-wise, its content may not).

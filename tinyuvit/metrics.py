@@ -3,7 +3,7 @@
 - class accuracy: the fraction of samples that the shipped ViT classifier (tinyuvit/assets/
   classifier.npz, see tinyuvit.vit) reads as the digit that was asked for.
 - FID (Heusel et al., NeurIPS 2017): the Frechet distance between Gaussians fitted to the
-  classifier's penultimate features (the final LayerNorm's class token, 64 numbers) of the
+  classifier's penultimate features (the final LayerNorm's class token, 128 numbers) of the
   samples and of the 10,000 MNIST test digits. It is NOT comparable with Inception-based FIDs
   of papers: only with other numbers from this module. The "floor" is the FID of 10,000 real
   training digits against the same reference: what a perfect generator would score with as
@@ -12,12 +12,14 @@
 import hashlib
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 
 from .backend import Backend, to_numpy, xp_of
+from .errors import DataError
 from .files import atomic_write
 from .vit import ViT
 
@@ -30,11 +32,24 @@ DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "classifier.np
 
 def load_classifier(path=None, backend=None):
     """The ViT classifier at `path` (default: the one shipped with tinyuvit) on `backend`
-    (default: CPU float32)."""
+    (default: CPU float32). DataError, in one line, for a missing or unreadable file."""
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER
-    if not path.exists():
-        raise FileNotFoundError(f"no classifier at {path}; train one with `tinyuvit train-classifier`")
-    model = ViT.load(path, backend or Backend("cpu", "float32"))
+    train_one = f"train one with `tinyuvit train-classifier --out {path}`"
+    if not path.is_file():
+        raise DataError(f"no classifier at {path}" + (" (a folder)" if path.is_dir() else "") +
+                        f"; {train_one}")
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # an .npz is a zip archive
+            raise DataError(f"{path} is not a tinyuvit classifier (an .npz file); {train_one}")
+    try:
+        model = ViT.load(path, backend or Backend("cpu", "float32"))
+    except KeyError:
+        raise DataError(f"{path} is not a tinyuvit classifier (no config entry); {train_one}") from None
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        # ValueError: bad JSON, unknown or invalid config fields, missing or misshapen weights
+        detail = str(e).splitlines()[0] if str(e) else "corrupt"
+        raise DataError(f"{path} is not a readable tinyuvit classifier ({type(e).__name__}: "
+                        f"{detail[:200]}); {train_one}") from None
     model.path = path
     return model
 

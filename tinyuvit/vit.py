@@ -258,6 +258,32 @@ def fit(model, train_x, train_y, steps, batch_size=128, lr=2e-3, weight_decay=0.
     return run_loss, run_acc, steps * batch_size / (time.perf_counter() - t0)
 
 
+def _check_classifier_options(epochs, batch_size, lr, steps, weight_decay, max_shift):
+    """ConfigError, naming the option as the command line spells it, for a value out of range."""
+    import math
+
+    from .errors import ConfigError
+
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    def count(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not count(batch_size) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if not number(lr) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr!r}")
+    if steps is None and (not number(epochs) or not math.isfinite(epochs) or epochs <= 0):
+        raise ConfigError(f"--epochs must be a finite number > 0, got {epochs!r}")
+    if steps is not None and (not count(steps) or steps < 1):
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    if not number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not count(max_shift) or max_shift < 0:
+        raise ConfigError(f"max_shift must be an integer >= 0, got {max_shift!r}")
+
+
 def train_classifier(out_path, epochs=18, batch_size=128, lr=2e-3, seed=0, data_dir=None,
                      device="cpu", progress=True, steps=None, config=None, weight_decay=0.05,
                      max_shift=1, dtype="float32", download=True):
@@ -267,21 +293,36 @@ def train_classifier(out_path, epochs=18, batch_size=128, lr=2e-3, seed=0, data_
     Returns a dict: test_accuracy, train_loss, train_accuracy, steps, epochs, seconds, img_per_s,
     num_params, config, data (where the digits came from), out_path. The weights are saved with
     these results (less out_path) as the checkpoint's "meta".
+    Options out of range are a ConfigError before anything starts (the output path too:
+    files.check_output_path); weights that training made NaN are a TrainingError, and nothing
+    is saved.
     """
     from .data import load_mnist
+    from .errors import ConfigError, TrainingError
+    from .files import check_output_path
     from .images import to_model_range
 
+    _check_classifier_options(epochs, batch_size, lr, steps, weight_decay, max_shift)
+    check_output_path(out_path, (".npz",), "--out")
     cfg = config or ViTConfig()
     train_u8, train_y, source = load_mnist("train", data_dir=data_dir, download=download, quiet=not progress)
     test_u8, test_y, _ = load_mnist("test", data_dir=data_dir, download=download, quiet=not progress)
     train_x, test_x = to_model_range(train_u8), to_model_range(test_u8)    # [N, 1, 28, 28]
     steps = int(steps) if steps is not None else int(round(epochs * len(train_x) / batch_size))
+    if steps < 1:
+        raise ConfigError(f"--epochs {epochs:g} trains 0 steps of {batch_size} on "
+                          f"{len(train_x)} digits; give --epochs >= {batch_size / len(train_x):.2g}")
 
     model = ViT(cfg, seed=seed).to(Backend(device, dtype))
     t0 = time.perf_counter()
     loss, acc, rate = fit(model, train_x, np.asarray(train_y), steps, batch_size, lr, weight_decay,
                           max_shift=max_shift, seed=seed, progress=progress)
     train_seconds = time.perf_counter() - t0
+    bad = [name for name, a in model.state_dict().items() if not bool(xp_of(a).isfinite(a).all())]
+    if bad:
+        raise TrainingError(f"classifier training diverged: after {steps} steps {len(bad)} weight "
+                            f"arrays (e.g. {bad[0]}) hold NaN or infinite values (final loss {loss:.4g}); "
+                            f"nothing was saved to {out_path}. Try a lower --lr")
     test_acc = accuracy(model, test_x, test_y)
     results = dict(test_accuracy=test_acc, train_loss=loss, train_accuracy=acc, steps=steps,
                    epochs=steps * batch_size / len(train_x), batch_size=batch_size, lr=lr, seed=seed,
