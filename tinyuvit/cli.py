@@ -322,11 +322,9 @@ def train_classifier_cmd(epochs, batch_size, lr, seed, device, data_dir, out_pat
     """
     from .backend import Backend
     from .evaluate import check_count
-    from .files import check_output_path
     from .vit import train_classifier
     check_count("seed (--seed)", seed, 0)
     Backend(device)
-    out_path = check_output_path(out_path, suffixes=(".npz",), what="--out")
     res = train_classifier(out_path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                            data_dir=data_dir, device=device, progress=not quiet)
     click.echo(f"test accuracy {100 * res['test_accuracy']:.2f}% after {res['steps']} steps "

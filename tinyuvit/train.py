@@ -370,13 +370,8 @@ class RunFolder:
         if self._file:
             self._file.flush()
             os.fsync(self._file.fileno())
-        try:
-            save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
-                            step=step, config=run_cfg)
-        except OSError as e:   # a full disk, a folder gone read-only: the old checkpoint is whole
-            kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
-            raise CheckpointError(f"could not write {self.checkpoint} ({e.strerror or e}); the previous "
-                                  f"checkpoint ({kept}) is kept whole") from None
+        save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
+                        step=step, config=run_cfg)   # CheckpointError on a full disk: the old one is kept
         self.saved_step = step
 
     def plot_loss(self, cfg):
