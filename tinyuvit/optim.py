@@ -1,12 +1,119 @@
 """AdamW, gradient clipping, learning-rate warmup and an EMA of the weights, by hand.
 
-Parameters are the model's own arrays ({name: array}); updates are in place, so the model sees
-them without any copying.
+All parameters in one buffer. `FlatParams(model)` copies every parameter of a model into one
+contiguous 1-D array, `flat.data`, and makes each `m.params[k]` a view into it; the layers read
+their parameters as before and see every in-place update at once. Gradients are gathered with one
+concatenate, `flat.grad(net)`, so that clipping, AdamW and the EMA are each a handful of
+vectorised operations over all 1.5M numbers instead of a handful per parameter array (~100 of
+them): on the CPU fewer Python steps, on the GPU fewer kernel launches.
+
+    flat = FlatParams(model)       # after model.to(backend), before DataParallel
+    opt = AdamW(flat, lr=...)      # moments m, v: flat arrays too
+    ema = EMA(flat, decay=...)     # shadow: a flat array; ema.shadow = {name: view into it}
+    ...
+    grads = flat.grad(net)         # [P] every gradient (a DataParallel: summed over replicas)
+    gnorm = clip_grad_norm(grads, max_norm)
+    opt.step(grads, lr)
+    ema.update(flat, step)
+
+Each update is elementwise and does the same operations in the same order as on the separate
+arrays, so the results are bit-identical; only the clipping norm's sum runs in another order.
+Names stay: `flat.params`, `opt.state()` and `ema.shadow` are {name: view} dicts, the
+checkpoint's format, and writing into them in place (`[...] = `) is how a checkpoint is loaded.
+
+AdamW, EMA and clip_grad_norm also take a plain {name: array} dict, updated array by array (the
+same code, run once per array).
 """
 import math
 
+import numpy as np
+
 from .backend import xp_of
 
+
+# ----------------------------------------------------------------------------------------
+# FlatParams: every parameter a view into one 1-D buffer
+# ----------------------------------------------------------------------------------------
+
+class FlatParams:
+    """The parameters of `model` moved into one contiguous 1-D buffer `data`; `params` is
+    {name: view}, and every `m.params[k]` of the model is rebound to its view.
+
+    Flatten after `model.to(backend)` (which makes new arrays). A DataParallel may be passed:
+    its replicas are rebound too (one built after flattening shares the views by itself)."""
+
+    def __init__(self, model):
+        named = list(model.named_parameters())                 # (name, module, key), model order
+        arrays = [m.params[k] for _, m, k in named]
+        dtypes = {a.dtype for a in arrays}
+        if len(dtypes) != 1:
+            raise ValueError(f"parameters of one dtype needed to flatten, got {sorted(map(str, dtypes))}")
+        self.names = [name for name, _, _ in named]
+        self.shapes = [tuple(a.shape) for a in arrays]
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()   # param i: [offsets[i], offsets[i+1])
+        self.data = flatten(arrays)                            # [P], a copy of every parameter
+        self.params = self.views(self.data)
+        for name, m, k in named:
+            m.params[k] = self.params[name]
+        for replica in getattr(model, "replicas", [])[1:]:     # a DataParallel's other replicas
+            replica.load_state_dict(self.params)
+
+    @property
+    def size(self):
+        return self.offsets[-1]
+
+    def views(self, buffer):
+        """{name: the parameter's view into `buffer`}, for any flat array laid out like `data`."""
+        return {name: buffer[a:b].reshape(shape)
+                for name, shape, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
+
+    def flatten(self, arrays):
+        """{name: array} -> one flat array in this layout (one concatenate)."""
+        return flatten([arrays[name] for name in self.names])
+
+    def grad(self, net):
+        """`net`'s gradients as one flat array [P]: the model's, or a DataParallel's summed over
+        its replicas (anything with a `flat_grad()` gives it directly)."""
+        g = net.flat_grad() if hasattr(net, "flat_grad") else flatten(net.grad_dict().values())
+        if g.shape != (self.size,):
+            raise ValueError(f"{g.size} gradient numbers for {self.size} parameters: "
+                             "not the model these parameters were flattened from")
+        return g
+
+    def mask(self, pick):
+        """Where `pick(name, array)` holds: a boolean array [P] over the buffer, or plain True /
+        False when it holds for every parameter / for none."""
+        chosen = [bool(pick(name, p)) for name, p in self.params.items()]
+        if all(chosen) or not any(chosen):
+            return chosen[0]
+        return xp_of(self.data).asarray(np.repeat(chosen, np.diff(self.offsets)))
+
+    def shares(self, model):
+        """Whether every parameter of `model` is still this buffer's view (not after `model.to`)."""
+        return all(m.params[k] is self.params[name] for name, m, k in model.named_parameters())
+
+
+def flatten(arrays):
+    """Arrays -> one 1-D array, each raveled in turn (one concatenate)."""
+    arrays = list(arrays)
+    return xp_of(*arrays).concatenate([a.ravel() for a in arrays])
+
+
+def _pieces(arrays, names):
+    """The arrays an update runs over, one at a time, laid out as its parameters: with no
+    `names` (a FlatParams), the one flat array (`arrays` or `arrays.data`); else `arrays[name]`
+    for each name."""
+    if names is None:
+        if isinstance(arrays, dict):
+            raise TypeError("flattened parameters take one flat array (FlatParams.grad), not a dict")
+        return [arrays.data if isinstance(arrays, FlatParams) else arrays]
+    return [arrays[k] for k in names]
+
+
+# ----------------------------------------------------------------------------------------
+# AdamW
+# ----------------------------------------------------------------------------------------
 
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019), as torch.optim.AdamW:
@@ -16,25 +123,35 @@ class AdamW:
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay=None):
-        """`decay(name, array) -> bool` picks the parameters that get weight decay (default: all,
-        as U-ViT; the ViT classifier decays only its weight matrices)."""
-        self.params = params
+        """`params`: a FlatParams (one update over the whole buffer) or {name: array} (one per
+        array). `decay(name, array) -> bool` picks the parameters that get weight decay
+        (default: all, as U-ViT; the ViT classifier decays only its weight matrices)."""
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.decayed = {k for k, p in params.items() if decay is None or decay(k, p)}
-        self.m = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
-        self.v = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
         self.k = 0  # steps taken
+        if isinstance(params, FlatParams):
+            self.names, self.p = None, [params.data]
+            self.decayed = [True if decay is None else params.mask(decay)]
+            m, v = (xp_of(params.data).zeros_like(params.data) for _ in range(2))
+            self._m, self._v = [m], [v]
+            self.m, self.v = params.views(m), params.views(v)  # {name: view}, for checkpoints
+        else:
+            self.names, self.p = list(params), list(params.values())
+            self.decayed = [decay is None or bool(decay(k, p)) for k, p in params.items()]
+            self.m = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
+            self.v = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
+            self._m, self._v = list(self.m.values()), list(self.v.values())
 
     def step(self, grads, lr=None):
+        """One update with `grads` laid out as the parameters: a flat array for a FlatParams,
+        {name: array} for a dict."""
         lr = self.lr if lr is None else lr
         b1, b2 = self.betas
         self.k += 1
         c1, c2 = 1.0 - b1 ** self.k, 1.0 - b2 ** self.k
-        for name, p in self.params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
+        for p, g, m, v, decayed in zip(self.p, _pieces(grads, self.names), self._m, self._v, self.decayed):
             xp = xp_of(p)
-            if self.weight_decay and name in self.decayed:
-                p *= 1.0 - lr * self.weight_decay
+            if self.weight_decay:
+                _decay(p, decayed, 1.0 - lr * self.weight_decay)
             m *= b1
             m += (1.0 - b1) * g
             v *= b2
@@ -44,24 +161,45 @@ class AdamW:
             p -= (lr / c1) * m / denom
 
     def state(self):
-        """Moments as {"m.name": array, "v.name": array} and the step count, for checkpoints."""
+        """Moments as {"m.name": array, "v.name": array} (views for a FlatParams), for checkpoints."""
         out = {f"m.{k}": a for k, a in self.m.items()}
         out.update({f"v.{k}": a for k, a in self.v.items()})
         return out
 
     def load_state(self, arrays, k):
-        for name in self.params:
+        """Copy saved moments (as `state()` names them) into this optimizer's, in place."""
+        for name in self.m:
             self.m[name][...] = arrays[f"m.{name}"]
             self.v[name][...] = arrays[f"v.{name}"]
         self.k = int(k)
 
 
+def _decay(p, decayed, factor):
+    """p *= factor where `decayed`: True (all of p), False (none) or a boolean array over p.
+
+    With a mask the factor is 1 elsewhere (p * 1 == p exactly); the factor is cast to p's dtype
+    first, as the plain `p *= factor` does, so both give the same bits."""
+    if decayed is True:
+        p *= factor
+    elif decayed is not False:
+        one, f = p.dtype.type(1.0), p.dtype.type(factor)
+        p *= xp_of(p).where(decayed, f, one)
+
+
+# ----------------------------------------------------------------------------------------
+# Clipping and the learning-rate schedule
+# ----------------------------------------------------------------------------------------
+
 def clip_grad_norm(grads, max_norm):
-    """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm."""
-    total = float(sum((g * g).sum() for g in grads.values())) ** 0.5  # one device->host sync
+    """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm.
+
+    `grads`: one flat array, or {name: array}. (The flat sum is taken in another order than the
+    sum of the arrays' sums: the norm may differ in its last bits.)"""
+    pieces = list(grads.values()) if isinstance(grads, dict) else [grads]
+    total = float(sum((g * g).sum() for g in pieces)) ** 0.5  # one device->host sync
     if max_norm and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads.values():
+        for g in pieces:
             g *= scale
     return total
 
@@ -76,24 +214,39 @@ def lr_at(step, base_lr, warmup, total_steps=None, schedule="constant"):
     return base_lr
 
 
+# ----------------------------------------------------------------------------------------
+# EMA of the weights
+# ----------------------------------------------------------------------------------------
+
 class EMA:
     """An exponential moving average of the weights: e <- d e + (1 - d) p after every step.
 
     With warmup, step k uses d_k = min(d, (1 + k) / (10 + k)), so that the average forgets the
     random initial weights quickly: with d = 0.999 alone, 37% of the average after 1,000 steps
     would still be the initialisation, which ruins the samples of a short run.
+
+    `shadow` is {name: array}: for a FlatParams, views into one flat array `data`, so that
+    `ema_model.load_state_dict(ema.shadow)` makes a model that always holds the average.
     """
 
     def __init__(self, params, decay=0.999, warmup=True):
         self.decay, self.warmup = decay, warmup
-        self.shadow = {k: p.copy() for k, p in params.items()}
+        if isinstance(params, FlatParams):
+            self.names, self.data = None, params.data.copy()
+            self.shadow = params.views(self.data)
+            self._e = [self.data]
+        else:
+            self.names, self.data = list(params), None
+            self.shadow = {k: p.copy() for k, p in params.items()}
+            self._e = list(self.shadow.values())
 
     def decay_at(self, step):
         return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
 
     def update(self, params, step):
+        """Average in `params`, laid out as at construction (a FlatParams or its flat array, or
+        {name: array})."""
         d = self.decay_at(step)
-        for k, p in params.items():
-            e = self.shadow[k]
+        for e, p in zip(self._e, _pieces(params, self.names)):
             e *= d
             e += (1.0 - d) * p

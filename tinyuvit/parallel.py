@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backend import cpu_threads
+from .optim import flatten
 
 _BLAS = None
 
@@ -76,12 +77,21 @@ class DataParallel:
         dxs = self._run(lambda m, s: m.backward(dout[s]))
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
 
-    def grad_dict(self):
-        """The whole batch's gradients: the sum over the replicas that had a shard."""
-        first, *rest = [r.grad_dict() for r in self.replicas[:len(self.shards)]]
-        for g in rest:
-            first = {k: a + g[k] for k, a in first.items()}
+    def flat_grad(self):
+        """The whole batch's gradients as one flat array [P] (named_parameters order, as
+        optim.FlatParams): each replica's gathered with one concatenate, then summed."""
+        first, *rest = [flatten(r.grad_dict().values()) for r in self.replicas[:len(self.shards)]]
+        for g in rest:                                           # the replicas that had a shard
+            first += g
         return first
+
+    def grad_dict(self):
+        """The whole batch's gradients {name: array}: views into `flat_grad()`."""
+        grads, flat, offset = {}, self.flat_grad(), 0
+        for name, g in self.model.grad_dict().items():          # for the names and shapes
+            grads[name] = flat[offset:offset + g.size].reshape(g.shape)
+            offset += g.size
+        return grads
 
 
 def on_cpu_threads(model, threads=None):
