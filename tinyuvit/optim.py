@@ -3,9 +3,8 @@
 All parameters in one buffer. `FlatParams(model)` copies every parameter of a model into one
 contiguous 1-D array, `flat.data`, and makes each `m.params[k]` a view into it; the layers read
 their parameters as before and see every in-place update at once. Gradients are gathered with one
-concatenate, `flat.grad(net)`, so that clipping, AdamW and the EMA are each a handful of
-vectorised operations over all 1.5M numbers instead of a handful per parameter array (~100 of
-them): on the CPU fewer Python steps, on the GPU fewer kernel launches.
+concatenate, `flat.grad(net)`, so that clipping, AdamW and the EMA each run their handful of
+vectorised operations over the whole buffer instead of over each of the ~100 parameter arrays:
 
     flat = FlatParams(model)       # after model.to(backend), before DataParallel
     opt = AdamW(flat, lr=...)      # moments m, v: flat arrays too
@@ -16,19 +15,25 @@ them): on the CPU fewer Python steps, on the GPU fewer kernel launches.
     opt.step(grads, lr)
     ema.update(flat, step)
 
-Each update is elementwise and does the same operations in the same order as on the separate
-arrays, so the results are bit-identical; only the clipping norm's sum runs in another order.
-Names stay: `flat.params`, `opt.state()` and `ema.shadow` are {name: view} dicts, the
-checkpoint's format, and writing into them in place (`[...] = `) is how a checkpoint is loaded.
+On CuPy the buffer is one piece: each operation is one kernel launch for all parameters. On
+NumPy it is walked in pieces of 32K numbers (128 KiB of float32), whose temporaries stay in the
+core's cache, as in `backend.elementwise`: each operation over the whole 6 MB buffer at once
+would send its temporaries to main memory and back, twice as slow as array by array.
 
-AdamW, EMA and clip_grad_norm also take a plain {name: array} dict, updated array by array (the
-same code, run once per array).
+Each update is elementwise and does the same operations in the same order on every number as on
+the separate arrays, so the results are bit-identical; only the clipping norm's sum runs in
+another order. Names stay: `flat.params`, `opt.state()` and `ema.shadow` are {name: view}, as
+checkpoints store them, and a checkpoint is loaded by writing into them in place (`[...] =`).
+
+AdamW, EMA and clip_grad_norm also take a plain {name: array} dict; its pieces are its arrays.
 """
 import math
 
 import numpy as np
 
 from .backend import xp_of
+
+PIECE = 1 << 15   # numbers per piece of a flat array on NumPy (fastest of 4K..128K, and whole)
 
 
 # ----------------------------------------------------------------------------------------
@@ -53,7 +58,9 @@ class FlatParams:
         sizes = [int(np.prod(s)) for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()   # param i: [offsets[i], offsets[i+1])
         self.data = flatten(arrays)                            # [P], a copy of every parameter
+        self.pieces = pieces(self.data)                        # slices the updates run over
         self.params = self.views(self.data)
+        self.grad_data = None                                  # [P], filled by grad()
         for name, m, k in named:
             m.params[k] = self.params[name]
         for replica in getattr(model, "replicas", [])[1:]:     # a DataParallel's other replicas
@@ -73,13 +80,20 @@ class FlatParams:
         return flatten([arrays[name] for name in self.names])
 
     def grad(self, net):
-        """`net`'s gradients as one flat array [P]: the model's, or a DataParallel's summed over
-        its replicas (anything with a `flat_grad()` gives it directly)."""
-        g = net.flat_grad() if hasattr(net, "flat_grad") else flatten(net.grad_dict().values())
-        if g.shape != (self.size,):
-            raise ValueError(f"{g.size} gradient numbers for {self.size} parameters: "
-                             "not the model these parameters were flattened from")
-        return g
+        """`net`'s gradients gathered into one flat array [P]: the model's, or a DataParallel's
+        summed over its replicas (anything with a `flat_grad(out)` gives it directly).
+
+        The array is this object's and the next call overwrites it (a new 6 MB array every step
+        costs more on NumPy than filling it: the memory is fresh from the system each time)."""
+        if self.grad_data is None:
+            self.grad_data = xp_of(self.data).empty_like(self.data)
+        if hasattr(net, "flat_grad"):
+            return net.flat_grad(out=self.grad_data)
+        grads = list(net.grad_dict().values())
+        if sum(int(g.size) for g in grads) != self.size:
+            raise ValueError(f"{sum(int(g.size) for g in grads)} gradient numbers for {self.size} "
+                             "parameters: not the model these parameters were flattened from")
+        return flatten(grads, out=self.grad_data)
 
     def mask(self, pick):
         """Where `pick(name, array)` holds: a boolean array [P] over the buffer, or plain True /
@@ -94,21 +108,29 @@ class FlatParams:
         return all(m.params[k] is self.params[name] for name, m, k in model.named_parameters())
 
 
-def flatten(arrays):
-    """Arrays -> one 1-D array, each raveled in turn (one concatenate)."""
+def flatten(arrays, out=None):
+    """Arrays -> one 1-D array (`out`, if given), each raveled in turn: one concatenate."""
     arrays = list(arrays)
-    return xp_of(*arrays).concatenate([a.ravel() for a in arrays])
+    return xp_of(*arrays).concatenate([a.ravel() for a in arrays], out=out)
 
 
-def _pieces(arrays, names):
-    """The arrays an update runs over, one at a time, laid out as its parameters: with no
-    `names` (a FlatParams), the one flat array (`arrays` or `arrays.data`); else `arrays[name]`
-    for each name."""
-    if names is None:
-        if isinstance(arrays, dict):
-            raise TypeError("flattened parameters take one flat array (FlatParams.grad), not a dict")
-        return [arrays.data if isinstance(arrays, FlatParams) else arrays]
-    return [arrays[k] for k in names]
+def pieces(flat):
+    """The slices of a flat array that an update runs over, one at a time: pieces of PIECE
+    numbers on NumPy (cache-sized), the whole array on CuPy (one kernel each)."""
+    n = flat.size
+    step = PIECE if type(flat) is np.ndarray else max(n, 1)
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _split(arrays, layout):
+    """`arrays` cut as `layout` says: slices of one flat array (or of a FlatParams' `data`), or
+    names of a {name: array} dict."""
+    if isinstance(layout[0], str):
+        return [arrays[name] for name in layout]
+    if isinstance(arrays, dict):
+        raise TypeError("flattened parameters take one flat array (FlatParams.grad), not a dict")
+    flat = arrays.data if isinstance(arrays, FlatParams) else arrays
+    return [flat[s] for s in layout]
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,23 +145,23 @@ class AdamW:
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay=None):
-        """`params`: a FlatParams (one update over the whole buffer) or {name: array} (one per
-        array). `decay(name, array) -> bool` picks the parameters that get weight decay
+        """`params`: a FlatParams (updated piece by piece of its buffer) or {name: array} (array
+        by array). `decay(name, array) -> bool` picks the parameters that get weight decay
         (default: all, as U-ViT; the ViT classifier decays only its weight matrices)."""
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.k = 0  # steps taken
         if isinstance(params, FlatParams):
-            self.names, self.p = None, [params.data]
-            self.decayed = [True if decay is None else params.mask(decay)]
+            self.layout = params.pieces
             m, v = (xp_of(params.data).zeros_like(params.data) for _ in range(2))
-            self._m, self._v = [m], [v]
             self.m, self.v = params.views(m), params.views(v)  # {name: view}, for checkpoints
+            mask = True if decay is None else params.mask(decay)
+            self.decayed = [mask if isinstance(mask, bool) else mask[s] for s in self.layout]
         else:
-            self.names, self.p = list(params), list(params.values())
+            self.layout = list(params)
+            self.m = m = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
+            self.v = v = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
             self.decayed = [decay is None or bool(decay(k, p)) for k, p in params.items()]
-            self.m = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
-            self.v = {k: xp_of(p).zeros_like(p) for k, p in params.items()}
-            self._m, self._v = list(self.m.values()), list(self.v.values())
+        self._p, self._m, self._v = _split(params, self.layout), _split(m, self.layout), _split(v, self.layout)
 
     def step(self, grads, lr=None):
         """One update with `grads` laid out as the parameters: a flat array for a FlatParams,
@@ -148,7 +170,7 @@ class AdamW:
         b1, b2 = self.betas
         self.k += 1
         c1, c2 = 1.0 - b1 ** self.k, 1.0 - b2 ** self.k
-        for p, g, m, v, decayed in zip(self.p, _pieces(grads, self.names), self._m, self._v, self.decayed):
+        for p, g, m, v, decayed in zip(self._p, _split(grads, self.layout), self._m, self._v, self.decayed):
             xp = xp_of(p)
             if self.weight_decay:
                 _decay(p, decayed, 1.0 - lr * self.weight_decay)
@@ -195,11 +217,11 @@ def clip_grad_norm(grads, max_norm):
 
     `grads`: one flat array, or {name: array}. (The flat sum is taken in another order than the
     sum of the arrays' sums: the norm may differ in its last bits.)"""
-    pieces = list(grads.values()) if isinstance(grads, dict) else [grads]
-    total = float(sum((g * g).sum() for g in pieces)) ** 0.5  # one device->host sync
+    parts = list(grads.values()) if isinstance(grads, dict) else _split(grads, pieces(grads))
+    total = float(sum((g * g).sum() for g in parts)) ** 0.5  # one device->host sync
     if max_norm and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in pieces:
+        for g in parts:
             g *= scale
     return total
 
@@ -232,13 +254,13 @@ class EMA:
     def __init__(self, params, decay=0.999, warmup=True):
         self.decay, self.warmup = decay, warmup
         if isinstance(params, FlatParams):
-            self.names, self.data = None, params.data.copy()
+            self.layout, self.data = params.pieces, params.data.copy()
             self.shadow = params.views(self.data)
-            self._e = [self.data]
+            self._e = _split(self.data, self.layout)
         else:
-            self.names, self.data = list(params), None
+            self.layout, self.data = list(params), None
             self.shadow = {k: p.copy() for k, p in params.items()}
-            self._e = list(self.shadow.values())
+            self._e = _split(self.shadow, self.layout)
 
     def decay_at(self, step):
         return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
@@ -247,6 +269,6 @@ class EMA:
         """Average in `params`, laid out as at construction (a FlatParams or its flat array, or
         {name: array})."""
         d = self.decay_at(step)
-        for e, p in zip(self._e, _pieces(params, self.names)):
+        for e, p in zip(self._e, _split(params, self.layout)):
             e *= d
             e += (1.0 - d) * p

@@ -49,6 +49,7 @@ class DataParallel:
             self.replicas.append(replica)
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="tinyuvit") if threads > 1 else None
         self.shards = None
+        self._gathered = None   # [P], one replica's gradients in flat_grad (kept: fresh memory is slow)
 
     def __getattr__(self, name):
         if name == "model":  # not set yet (copying): no recursion
@@ -77,13 +78,15 @@ class DataParallel:
         dxs = self._run(lambda m, s: m.backward(dout[s]))
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
 
-    def flat_grad(self):
-        """The whole batch's gradients as one flat array [P] (named_parameters order, as
-        optim.FlatParams): each replica's gathered with one concatenate, then summed."""
-        first, *rest = [flatten(r.grad_dict().values()) for r in self.replicas[:len(self.shards)]]
-        for g in rest:                                           # the replicas that had a shard
-            first += g
-        return first
+    def flat_grad(self, out=None):
+        """The whole batch's gradients as one flat array [P] (`out` if given), in named_parameters
+        order as optim.FlatParams: each replica's gathered with one concatenate, then added."""
+        first, *rest = self.replicas[:len(self.shards)]         # those that had a shard
+        total = flatten(first.grad_dict().values(), out=out)
+        for r in rest:
+            self._gathered = flatten(r.grad_dict().values(), out=self._gathered)
+            total += self._gathered
+        return total
 
     def grad_dict(self):
         """The whole batch's gradients {name: array}: views into `flat_grad()`."""
