@@ -203,8 +203,12 @@ def test_flat_grad_layout_and_mistakes():
     model.forward(x, np.array([5, 600]), np.array([0, 2]))
     model.backward(np.random.default_rng(5).standard_normal(x.shape))
     g = flat.grad(model)
+    assert g is flat.grad_data and g.shape == (flat.size,)         # one buffer, refilled each call
     for name, view in flat.views(g).items():
         np.testing.assert_array_equal(view, model.grad_dict()[name])
+    g *= 0.0
+    assert flat.grad(model) is g and np.array_equal(flat.views(g)["decoder_pred.W"],
+                                                    model.grad_dict()["decoder_pred.W"])
     with pytest.raises(TypeError, match="flat array"):
         AdamW(flat).step(model.grad_dict())                        # a dict for flat parameters
     other = UViT(UViTConfig(img_size=8, patch_size=2, dim=8, depth=2, num_heads=2, num_classes=3))
