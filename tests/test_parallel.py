@@ -6,6 +6,7 @@ from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend
 from tinyuvit.diffusion import Schedule, diffusion_loss, sample
 from tinyuvit.model import UViT, UViTConfig
+from tinyuvit.optim import FlatParams
 from tinyuvit.parallel import DataParallel, on_cpu_threads
 
 CFG = UViTConfig(img_size=8, patch_size=2, dim=16, depth=4, num_heads=2, num_classes=3)
@@ -68,3 +69,34 @@ def test_on_cpu_threads():
     assert dp.cfg is model.cfg and dp.dtype == np.float32  # everything else: the model's
     with pytest.raises(ValueError, match="threads must be >= 1"):
         DataParallel(model, 0)
+
+
+@pytest.mark.parametrize("flatten_first", [True, False], ids=["flatten-then-wrap", "wrap-then-flatten"])
+def test_replicas_share_flattened_parameters(flatten_first):
+    """FlatParams and DataParallel in either order: every replica reads the flat buffer."""
+    model, x, t, y = model_and_batch(4)
+    if flatten_first:
+        flat = FlatParams(model)
+        dp = DataParallel(model, 2)
+    else:
+        dp = DataParallel(model, 2)
+        flat = FlatParams(dp)
+    assert all(flat.shares(r) for r in dp.replicas)
+    flat.data[:] *= 0.5                                        # an in-place update of the buffer
+    np.testing.assert_allclose(dp.forward(x, t, y), model.forward(x, t, y), rtol=0, atol=1e-13)
+
+
+def test_flat_grad_equals_one_thread():
+    model, x, t, y = model_and_batch(5)
+    flat = FlatParams(model)
+    dout = np.random.default_rng(7).standard_normal((5, 1, 8, 8))
+    model.forward(x, t, y)
+    model.backward(dout)
+    want = flat.grad(model).copy()
+    dp = DataParallel(model, 3)
+    dp.forward(x, t, y)
+    dp.backward(dout)
+    got = flat.grad(dp)                                        # DataParallel.flat_grad: summed flat
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    for name, g in dp.grad_dict().items():
+        np.testing.assert_array_equal(g, flat.views(got)[name])

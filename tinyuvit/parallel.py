@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backend import cpu_threads
+from .optim import flatten
 
 _BLAS = None
 
@@ -48,6 +49,7 @@ class DataParallel:
             self.replicas.append(replica)
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="tinyuvit") if threads > 1 else None
         self.shards = None
+        self._gathered = None   # [P], one replica's gradients in flat_grad (kept: fresh memory is slow)
 
     def __getattr__(self, name):
         if name == "model":  # not set yet (copying): no recursion
@@ -76,12 +78,23 @@ class DataParallel:
         dxs = self._run(lambda m, s: m.backward(dout[s]))
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
 
+    def flat_grad(self, out=None):
+        """The whole batch's gradients as one flat array [P] (`out` if given), in named_parameters
+        order as optim.FlatParams: each replica's gathered with one concatenate, then added."""
+        first, *rest = self.replicas[:len(self.shards)]         # those that had a shard
+        total = flatten(first.grad_dict().values(), out=out)
+        for r in rest:
+            self._gathered = flatten(r.grad_dict().values(), out=self._gathered)
+            total += self._gathered
+        return total
+
     def grad_dict(self):
-        """The whole batch's gradients: the sum over the replicas that had a shard."""
-        first, *rest = [r.grad_dict() for r in self.replicas[:len(self.shards)]]
-        for g in rest:
-            first = {k: a + g[k] for k, a in first.items()}
-        return first
+        """The whole batch's gradients {name: array}: views into `flat_grad()`."""
+        grads, flat, offset = {}, self.flat_grad(), 0
+        for name, g in self.model.grad_dict().items():          # for the names and shapes
+            grads[name] = flat[offset:offset + g.size].reshape(g.shape)
+            offset += g.size
+        return grads
 
 
 def on_cpu_threads(model, threads=None):
