@@ -4,7 +4,7 @@ import pytest
 
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend
-from tinyuvit.diffusion import Schedule, diffusion_loss, sample
+from tinyuvit.diffusion import Diffusion, SampleConfig
 from tinyuvit.model import UViT, UViTConfig
 from tinyuvit.optim import FlatParams
 from tinyuvit.parallel import DataParallel, on_cpu_threads
@@ -49,15 +49,21 @@ def test_replicas_share_the_parameters():
 
 def test_training_loss_and_sampling_equal_one_thread():
     model, x, _, y = model_and_batch(5)
-    sched = Schedule(1000)
+    diffusion = Diffusion()
     dp = DataParallel(model, 2)
-    loss1, d1 = diffusion_loss(model, sched, x, y, np.random.default_rng(3), 0.1, 3, 5.0)
-    loss2, d2 = diffusion_loss(dp, sched, x, y, np.random.default_rng(3), 0.1, 3, 5.0)
+
+    def loss_of(net):
+        xt, t, yy, target, w = diffusion.noisy_batch(x, y, np.random.default_rng(3), 0.1, 3)
+        return diffusion.loss(net.forward(xt, t, yy), target, w)
+
+    loss1, d1 = loss_of(model)
+    loss2, d2 = loss_of(dp)
     assert loss1 == pytest.approx(loss2, rel=1e-12)
     np.testing.assert_allclose(d1, d2, rtol=0, atol=1e-15)
     labels = np.array([0, 1, 2, 0, 1])
-    a = sample(model, sched, labels, np.random.default_rng(0), "dpm++", 5, guidance=1.0)
-    b = sample(dp, sched, labels, np.random.default_rng(0), "dpm++", 5, guidance=1.0)
+    how = SampleConfig(sampler="dpm++", steps=5, guidance=1.0)
+    a = diffusion.sample(model, labels, np.random.default_rng(0), how)
+    b = diffusion.sample(dp, labels, np.random.default_rng(0), how)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 

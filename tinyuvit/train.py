@@ -34,7 +34,7 @@ from .errors import CheckpointError, ConfigError, TrainingError
 from .files import RunLock, atomic_write, remove_stale_parts
 from .images import plot_curves, save_grid
 from .model import PRESETS, UViT, UViTConfig, get_config
-from .optim import EMA, AdamW, clip_grad_norm, lr_at
+from .optim import EMA, AdamW, FlatParams, clip_grad_norm, lr_at
 from .parallel import on_cpu_threads
 from .progress import Progress
 
@@ -184,9 +184,9 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     run_cfg = dict(cfg.to_dict(), data=data_id)
     run = RunFolder(out_dir)
     with run.open(resume):
-        model, opt, ema, start = _start_or_resume(run, run_cfg, cfg, backend, resume, log)
+        model, flat, opt, ema, start = _start_or_resume(run, run_cfg, cfg, backend, resume, log)
         run.start_metrics(start)
-        params = model.state_dict()
+        params = flat.params                                # {name: view into flat.data}
         ema_model = make_model(run_cfg["model"], backend)
         ema_model.load_state_dict(ema.shadow)              # shares the EMA arrays: always current
         net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)  # every CPU core: a share
@@ -206,12 +206,12 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 pred = net.forward(xt, t, y)                                    # [B, C, H, W]
                 loss, dpred = diffusion.loss(pred, target, weight)
                 net.backward(dpred)
-                grads = net.grad_dict()
+                grads = flat.grad(net)                                          # [P] all of them
                 gnorm = clip_grad_norm(grads, cfg.grad_clip)
                 _check_finite(loss, gnorm, step, run)                           # before the update
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
                 opt.step(grads, lr)
-                ema.update(params, step)
+                ema.update(flat, step)
 
                 done = step + 1
                 smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
@@ -274,14 +274,16 @@ def _training_data(backend, images, labels, data_dir, progress, log):
 
 
 def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
-    """(model, AdamW, EMA, first step): fresh from the seed, or as the run's checkpoint left them."""
+    """(model, its FlatParams, AdamW, EMA, first step): fresh from the seed, or as the run's
+    checkpoint left them."""
     model = make_model(run_cfg["model"], backend, seed=cfg.seed)
-    params = model.state_dict()
-    opt = AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    ema = EMA(params, cfg.ema_decay, cfg.ema_warmup)
+    flat = FlatParams(model)            # every parameter a view into one buffer (tinyuvit.optim)
+    params = flat.params
+    opt = AdamW(flat, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    ema = EMA(flat, cfg.ema_decay, cfg.ema_warmup)
     if not resume:
         run.write_config(run_cfg)
-        return model, opt, ema, 0
+        return model, flat, opt, ema, 0
     ck = load_checkpoint(run.checkpoint, need=("params", "ema", "opt"))
     saved = dict(ck["config"])
     diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE + ("data",))
@@ -304,7 +306,7 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
     if start >= cfg.steps:
         log(f"the run already has {start} steps (asked for {cfg.steps}); nothing to train")
     run.write_config(run_cfg)
-    return model, opt, ema, start
+    return model, flat, opt, ema, start
 
 
 class RunFolder:
@@ -365,7 +367,7 @@ class RunFolder:
         bad = [name for name, p in params.items() if not bool(xp_of(p).isfinite(p).all())]
         if bad:
             kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
-            raise TrainingError(f"the weights are no longer finite at step {step} ({bad[0]}, ...); the last "
+            raise TrainingError(f"the weights are no longer finite at step {step} ({bad[0]}); the last "
                                 f"good checkpoint ({kept}) is kept. Try a lower --lr or a longer --warmup")
         if self._file:
             self._file.flush()
