@@ -57,7 +57,7 @@ def test_gradcheck_catches_a_wrong_backward(monkeypatch):
     def wrong(self, dy):  # forgets the path through the variance
         right(self, dy)   # (still fills the parameter gradients)
         h = dy * self.params["g"]
-        return self.rstd * (h - h.mean(axis=-1, keepdims=True))
+        return self.saved("rstd") * (h - h.mean(axis=-1, keepdims=True))
 
     monkeypatch.setattr(LayerNorm, "backward", wrong)
     rows = gc.check_layer("LayerNorm", lambda g: LayerNorm(6), (randn(2, 3, 6),))
@@ -177,8 +177,9 @@ def test_attention_matches_per_head_loop(D, H):
     attn = gc.randomize(Attention(D, H, np.random.default_rng(0)), np.random.default_rng(1), scale=0.5)
     x = randn(2, 5, D)
     y = attn(x)
-    np.testing.assert_allclose(attn.attn.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
-    assert attn.attn.std() > 0.01  # not uniform: the comparison below means something
+    A = attn.softmax.saved("p")
+    np.testing.assert_allclose(A.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
+    assert A.std() > 0.01  # not uniform: the comparison below means something
     want = attention_loop(x, attn.qkv.params["W"], attn.proj.params["W"], attn.proj.params["b"], H)
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
 

@@ -61,12 +61,13 @@ class DataParallel:
             first = fn(self.model, self.shards[0])
             return [first] + [j.result() for j in jobs]
 
-    def forward(self, x, t, y):
-        """The model's forward on shards of the batch: [B, ...] -> outputs concatenated."""
+    def forward(self, x, t, y, *, train=True):
+        """The model's forward on shards of the batch: [B, ...] -> outputs concatenated.
+        `train=False`: the inference forward, keeping nothing for backward (UViT.forward)."""
         B = x.shape[0]
         bounds = np.linspace(0, B, min(len(self.replicas), B) + 1).round().astype(int).tolist()
         self.shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        outs = self._run(lambda m, s: m.forward(x[s], t[s], y[s]))
+        outs = self._run(lambda m, s: m.forward(x[s], t[s], y[s], train=train))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     __call__ = forward
