@@ -59,7 +59,7 @@ class Unpatchify(Module):
         super().__init__()
         self.p, self.C = p, C
 
-    def forward(self, x):
+    def forward(self, x, *, train=True):
         return unpatchify(x, self.p, self.C)
 
     def backward(self, dy):
