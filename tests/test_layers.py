@@ -10,8 +10,8 @@ from scipy.signal import correlate2d
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, BackendError, cupy_status, to_numpy
 from tinyuvit.layers import (GELU, MLP, Attention, Block, Conv3x3, LabelEmbedding, LayerNorm,
-                             Linear, PatchEmbed, PosEmbed, patchify, softmax, timestep_embedding,
-                             unpatchify)
+                             Linear, PatchEmbed, PosEmbed, Softmax, patchify, softmax,
+                             timestep_embedding, unpatchify)
 
 FD_TOL, AG_TOL = 1e-6, 1e-10        # gradients: vs finite differences, vs autograd (float64)
 F64_TOL, F32_TOL = 1e-10, 1e-4      # parity of another backend/dtype with float64 NumPy
@@ -36,6 +36,7 @@ def test_grad_linear():         helper_test_grad("Linear", lambda g: Linear(5, 4
 def test_grad_linear_nobias():  helper_test_grad("Linear", lambda g: Linear(5, 4, g, bias=False), randn(7, 5))
 def test_grad_layernorm():      helper_test_grad("LayerNorm", lambda g: LayerNorm(6), randn(2, 3, 6))
 def test_grad_gelu():           helper_test_grad("GELU", lambda g: GELU(), 3 * randn(4, 9))
+def test_grad_softmax():        helper_test_grad("Softmax", lambda g: Softmax(), 2 * randn(2, 3, 6))
 def test_grad_attention():      helper_test_grad("Attention", lambda g: Attention(8, 2, g), randn(2, 5, 8))
 def test_grad_attention_1head(): helper_test_grad("Attention", lambda g: Attention(6, 1, g), randn(1, 4, 6))
 def test_grad_mlp():            helper_test_grad("MLP", lambda g: MLP(8, 32, g), randn(2, 3, 8))
@@ -235,6 +236,7 @@ LAYERS = {
     "Linear": (lambda g: Linear(5, 4, g), (randn(2, 3, 5),)),
     "LayerNorm": (lambda g: LayerNorm(6), (randn(2, 3, 6),)),
     "GELU": (lambda g: GELU(), (3 * randn(4, 9),)),
+    "Softmax": (lambda g: Softmax(), (3 * randn(2, 3, 7),)),
     "Attention": (lambda g: Attention(8, 2, g), (randn(2, 5, 8),)),
     "MLP": (lambda g: MLP(8, 32, g), (randn(2, 3, 8),)),
     "PatchEmbed": (lambda g: PatchEmbed(2, 3, 8, g), (randn(2, 3, 4, 4),)),
