@@ -43,7 +43,7 @@ class GaussianOracle:
         self.cfg = UViTConfig(img_size=size, patch_size=1, dim=2, num_heads=1, depth=1, num_classes=3)
         self.dtype = np.float64
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, train=True):
         a = self.schedule.abar(np.asarray(t))[:, None, None, None]
         return np.sqrt(1 - a) * (x - np.sqrt(a) * self.mu) / (a * self.s ** 2 + 1 - a)
 
@@ -51,9 +51,9 @@ class GaussianOracle:
 class VelocityOracle(GaussianOracle):
     """The same exact model, answering with v = sqrt(a) eps - sqrt(1 - a) x0 instead of eps."""
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, train=True):
         a = self.schedule.abar(np.asarray(t))[:, None, None, None]
-        eps = super().forward(x, t, y)
+        eps = super().forward(x, t, y, train)
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         return np.sqrt(a) * eps - np.sqrt(1 - a) * x0
 
@@ -146,7 +146,7 @@ def test_clipping_recomputes_the_noise_from_the_clipped_x0():
 
 def test_guidance_convention():
     class Fake:
-        def forward(self, x, t, y):  # eps_c = y (the label), eps_u = 10 (null label)
+        def forward(self, x, t, y, train=True):  # eps_c = y (the label), eps_u = 10 (null label)
             return np.broadcast_to(y[:, None, None, None].astype(float), x.shape).copy()
 
     x = np.zeros((2, 1, 2, 2))

@@ -10,8 +10,8 @@ from scipy.signal import correlate2d
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, BackendError, cupy_status, to_numpy
 from tinyuvit.layers import (GELU, MLP, Attention, Block, Conv3x3, LabelEmbedding, LayerNorm,
-                             Linear, PatchEmbed, PosEmbed, patchify, softmax, timestep_embedding,
-                             unpatchify)
+                             Linear, PatchEmbed, PosEmbed, Softmax, patchify, softmax,
+                             timestep_embedding, unpatchify)
 
 FD_TOL, AG_TOL = 1e-6, 1e-10        # gradients: vs finite differences, vs autograd (float64)
 F64_TOL, F32_TOL = 1e-10, 1e-4      # parity of another backend/dtype with float64 NumPy
@@ -36,6 +36,7 @@ def test_grad_linear():         helper_test_grad("Linear", lambda g: Linear(5, 4
 def test_grad_linear_nobias():  helper_test_grad("Linear", lambda g: Linear(5, 4, g, bias=False), randn(7, 5))
 def test_grad_layernorm():      helper_test_grad("LayerNorm", lambda g: LayerNorm(6), randn(2, 3, 6))
 def test_grad_gelu():           helper_test_grad("GELU", lambda g: GELU(), 3 * randn(4, 9))
+def test_grad_softmax():        helper_test_grad("Softmax", lambda g: Softmax(), 2 * randn(2, 3, 6))
 def test_grad_attention():      helper_test_grad("Attention", lambda g: Attention(8, 2, g), randn(2, 5, 8))
 def test_grad_attention_1head(): helper_test_grad("Attention", lambda g: Attention(6, 1, g), randn(1, 4, 6))
 def test_grad_mlp():            helper_test_grad("MLP", lambda g: MLP(8, 32, g), randn(2, 3, 8))
@@ -57,7 +58,7 @@ def test_gradcheck_catches_a_wrong_backward(monkeypatch):
     def wrong(self, dy):  # forgets the path through the variance
         right(self, dy)   # (still fills the parameter gradients)
         h = dy * self.params["g"]
-        return self.rstd * (h - h.mean(axis=-1, keepdims=True))
+        return self.saved("rstd") * (h - h.mean(axis=-1, keepdims=True))
 
     monkeypatch.setattr(LayerNorm, "backward", wrong)
     rows = gc.check_layer("LayerNorm", lambda g: LayerNorm(6), (randn(2, 3, 6),))
@@ -177,8 +178,9 @@ def test_attention_matches_per_head_loop(D, H):
     attn = gc.randomize(Attention(D, H, np.random.default_rng(0)), np.random.default_rng(1), scale=0.5)
     x = randn(2, 5, D)
     y = attn(x)
-    np.testing.assert_allclose(attn.attn.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
-    assert attn.attn.std() > 0.01  # not uniform: the comparison below means something
+    A = attn.softmax.saved("p")
+    np.testing.assert_allclose(A.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
+    assert A.std() > 0.01  # not uniform: the comparison below means something
     want = attention_loop(x, attn.qkv.params["W"], attn.proj.params["W"], attn.proj.params["b"], H)
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
 
@@ -234,6 +236,7 @@ LAYERS = {
     "Linear": (lambda g: Linear(5, 4, g), (randn(2, 3, 5),)),
     "LayerNorm": (lambda g: LayerNorm(6), (randn(2, 3, 6),)),
     "GELU": (lambda g: GELU(), (3 * randn(4, 9),)),
+    "Softmax": (lambda g: Softmax(), (3 * randn(2, 3, 7),)),
     "Attention": (lambda g: Attention(8, 2, g), (randn(2, 5, 8),)),
     "MLP": (lambda g: MLP(8, 32, g), (randn(2, 3, 8),)),
     "PatchEmbed": (lambda g: PatchEmbed(2, 3, 8, g), (randn(2, 3, 4, 4),)),

@@ -240,3 +240,25 @@ def test_model_parity(backend, dtype):
         assert isinstance(b, be.xp.ndarray) and b.dtype == be.dtype, f"{what}: {type(b)} {b.dtype}"
         err = gc.rel_err(to_numpy(b), a)
         assert err <= tol, f"{what}: rel err {err:.2e} on {be} > {tol:g}"
+
+
+# ----------------------------------------------------------------------------------------
+# The backend: recorded by Module.to, read from the model (not probed from a parameter)
+# ----------------------------------------------------------------------------------------
+
+def test_backend_property():
+    m = UViT(cfg())
+    assert (m.backend.device, m.dtype, m.xp) == ("cpu", np.float64, np)   # the float64 host init
+    be = Backend("cpu", "float32")
+    m.to(be)
+    assert m.backend.device == "cpu" and m.dtype == np.float32 and m.xp is np
+    assert all(mod.backend is m.backend for _, mod in m.modules())        # every layer agrees
+    assert all(p.dtype == np.float32 for p in m.state_dict().values())
+    assert copy.deepcopy(m).dtype == np.float32                           # copies keep it
+
+
+def test_backend_property_gpu(backend):
+    be = Backend(backend, "float32")
+    m = UViT(cfg()).to(be)
+    assert m.xp is be.xp and m.dtype == np.float32 and m.backend.device == backend
+    assert all(isinstance(p, be.xp.ndarray) for p in m.state_dict().values())

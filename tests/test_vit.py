@@ -149,3 +149,13 @@ def test_fit_learns_and_is_deterministic():
     assert SoftmaxCrossEntropy()(results[0], y) < 0.5 * loss0
     assert (results[0].argmax(1) == y).mean() > 0.9
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_vit_backend_and_inference_forward():
+    m = ViT(TINY, seed=0).to(Backend("cpu", "float32"))
+    assert m.dtype == np.float32 and m.xp is np
+    x = randn(3, 1, 8, 8).astype(np.float32)
+    want = m(x)
+    np.testing.assert_array_equal(m(x, train=False), want)
+    assert all(mod.cache is None for _, mod in m.modules())
+    np.testing.assert_array_equal(predict_logits(m, x), want.astype(np.float64))

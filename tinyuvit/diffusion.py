@@ -266,9 +266,9 @@ def guided_output(model, x, t, y, guidance, null_label):
     B = x.shape[0]
     tt = xp.full((B,), int(t), dtype=np.int64)
     if guidance == 0:
-        return model.forward(x, tt, y)
+        return model.forward(x, tt, y, train=False)                  # no backward: keep no caches
     both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
-                         xp.concatenate([y, xp.full_like(y, null_label)]))
+                         xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
     out_c, out_u = both[:B], both[B:]
     return out_c + guidance * (out_c - out_u)
 

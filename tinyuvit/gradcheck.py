@@ -27,7 +27,7 @@ from collections import namedtuple
 import numpy as np
 
 from .layers import (GELU, MLP, Attention, Block, Conv3x3, LabelEmbedding, LayerNorm, Linear,
-                     Module, PatchEmbed, PosEmbed, patchify, unpatchify)
+                     Module, PatchEmbed, PosEmbed, Softmax, patchify, unpatchify)
 from .model import UViT, UViTConfig
 
 try:  # test-only dependency
@@ -59,7 +59,7 @@ class Unpatchify(Module):
         super().__init__()
         self.p, self.C = p, C
 
-    def forward(self, x):
+    def forward(self, x, *, train=True):
         return unpatchify(x, self.p, self.C)
 
     def backward(self, dy):
@@ -184,6 +184,7 @@ def _cases():
         ("Linear", lambda g: Linear(5, 4, g), (tok(2, 3, 5),), None, 256),
         ("LayerNorm", lambda g: LayerNorm(6), (tok(2, 3, 6),), None, 256),
         ("GELU", lambda g: GELU(), (2.5 * tok(3, 7),), None, 256),
+        ("Softmax", lambda g: Softmax(), (2.0 * tok(2, 3, 5),), None, 256),
         ("Attention", lambda g: Attention(D, H, g), (tok(2, 5, D),), None, 128),
         ("MLP", lambda g: MLP(D, 4 * D, g), (tok(2, 3, D),), None, 128),
         ("PatchEmbed", lambda g: PatchEmbed(2, 3, D, g), (tok(2, 3, 4, 4),), None, 128),

@@ -1,33 +1,72 @@
 """Layers of U-ViT, each with its forward and its hand-written backward side by side.
 
+The file follows the data through the U-ViT figure: the building blocks (Linear, LayerNorm,
+GELU, Softmax, Attention, MLP), then the patch embedding, the label and time tokens, the
+positions, the transformer Block, and the decoder side (unpatchify, the 3x3 conv).
+
 Conventions
-- `forward(...)` keeps what the backward needs on `self` and returns the output.
+- `forward(..., train=True)` returns the output. A training forward names what its backward
+  needs in one place, `self.save(train, name=array, ...)`; the inference forward
+  (`train=False`) keeps nothing, and a `backward` after it raises RuntimeError.
 - `backward(dy)` takes dL/d(output) and returns dL/d(input); parameter gradients are
   written to `self.grads` under the same names as `self.params`.
 - Every module is called once per forward pass, so `backward` overwrites its gradients.
 - Parameters are drawn on the host in float64 from a NumPy Generator, so the same seed gives
-  the same network on every backend; `Module.to(backend)` moves and casts them.
+  the same network on every backend; `Module.to(backend)` moves and casts them, and the model
+  remembers its backend (`module.backend`, `.xp`, `.dtype`).
+- Forward code runs on NumPy, CuPy, and autograd.numpy (the gradient checks trace it), so it
+  avoids `out=`; in-place `+=`, `*=` on arrays it made itself are fine (autograd rebinds).
+  Backward code is never traced and writes in place where that saves a copy.
 - Shapes: B batch, L tokens, D width, H heads, hd = D / H head width, C channels.
 """
+import functools
 import math
 
 import numpy as np
 
-from .backend import elementwise, erf, to_numpy, xp_of
+from .backend import Backend, elementwise, erf, to_numpy, xp_of
 
+
+@functools.lru_cache(maxsize=None)
+def _backend(device, dtype):
+    return Backend(device, dtype)
+
+
+# ========================================================================================
+# Building blocks
+# ========================================================================================
 
 # ----------------------------------------------------------------------------------------
-# Module: parameters, gradients, names
+# Module: parameters, gradients, names, the backward cache, the backend
 # ----------------------------------------------------------------------------------------
 
 class Module:
-    """Holds `params` and `grads` (dicts of arrays) and any child modules as attributes."""
+    """Holds `params` and `grads` (dicts of arrays), the `cache` its backward reads, and any
+    child modules as attributes."""
 
     def __init__(self):
         self.params, self.grads = {}, {}
+        self.cache = None                   # what backward needs; set by a training forward
+        self.placement = ("cpu", "float64")  # (device, dtype) of the parameters; see `to`
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    # -- the cache between forward and backward ---------------------------------------------
+
+    def save(self, train, **arrays):
+        """Keep `arrays` for backward after a training forward; after an inference forward
+        (train=False) keep nothing, and drop what an earlier training forward kept."""
+        self.cache = arrays if train else None
+
+    def saved(self, *names):
+        """The arrays the last training forward saved, in the order named."""
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward needs a training forward first: "
+                               "the last forward was forward(..., train=False) (or there was none)")
+        return [self.cache[n] for n in names] if len(names) != 1 else self.cache[names[0]]
+
+    # -- children and parameters -------------------------------------------------------------
 
     def children(self):
         """(name, module) for child modules, lists of modules named 'name.i', in definition order."""
@@ -73,13 +112,45 @@ class Module:
     def num_params(self):
         return int(sum(int(np.prod(m.params[k].shape)) for _, m, k in self.named_parameters()))
 
+    # -- the backend: recorded by `to`, the one place that says where the parameters live ----
+
     def to(self, backend):
-        """Move and cast every parameter to `backend` (a tinyuvit.backend.Backend)."""
-        for _, m, k in self.named_parameters():
-            m.params[k] = backend.asarray(to_numpy(m.params[k]))
-            m.grads.pop(k, None)
-        self._backend = backend
+        """Move and cast every parameter to `backend` (a tinyuvit.backend.Backend), and record it."""
+        for _, m in self.modules():
+            m.placement = (backend.device, backend.dtype_name)
+            m.cache = None
+            m.grads.clear()
+            for k in m.params:
+                m.params[k] = backend.asarray(to_numpy(m.params[k]))
         return self
+
+    @property
+    def backend(self):
+        """The Backend the parameters live on: the last `to(backend)`, else NumPy float64 (the init)."""
+        return _backend(*self.placement)
+
+    @property
+    def xp(self):
+        """The parameters' array module: numpy or cupy."""
+        return self.backend.xp
+
+    @property
+    def dtype(self):
+        """The parameters' float dtype (float32 for training, float64 for gradient checks)."""
+        return self.backend.dtype
+
+    def replica(self):
+        """A copy for another thread: the same parameter arrays (in-place updates reach both),
+        its own gradients and cache."""
+        new = object.__new__(type(self))
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                value = value.replica()
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, Module) for v in value):
+                value = type(value)(v.replica() if isinstance(v, Module) else v for v in value)
+            vars(new)[name] = value
+        new.params, new.grads, new.cache = dict(self.params), {}, None
+        return new
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,9 +166,9 @@ class Linear(Module):
         if bias:
             self.params["b"] = np.zeros(d_out)
 
-    def forward(self, x):  # [..., d_in] -> [..., d_out]
+    def forward(self, x, *, train=True):  # [..., d_in] -> [..., d_out]
         W = self.params["W"]
-        self.x = x
+        self.save(train, x=x)
         y = x.reshape(-1, W.shape[0]) @ W          # one 2-D matmul: [n, d_in] @ [d_in, d_out]
         if "b" in self.params:
             y += self.params["b"]
@@ -106,13 +177,14 @@ class Linear(Module):
     # With rows X = x flattened to [n, d_in]:  Y = X W + b, so
     #   dW = X^T dY,  db = sum_rows dY,  dX = dY W^T.
     def backward(self, dy):  # [..., d_out] -> [..., d_in]
+        x = self.saved("x")
         W = self.params["W"]
-        x2 = self.x.reshape(-1, W.shape[0])
-        dy2 = dy.reshape(-1, W.shape[1])
+        x2 = x.reshape(-1, W.shape[0])             # [n, d_in]
+        dy2 = dy.reshape(-1, W.shape[1])           # [n, d_out]
         self.grads["W"] = x2.T @ dy2
         if "b" in self.params:
             self.grads["b"] = dy2.sum(axis=0)
-        return (dy2 @ W.T).reshape(self.x.shape)
+        return (dy2 @ W.T).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,24 +200,36 @@ class LayerNorm(Module):
         self.params["g"] = np.ones(dim)
         self.params["b"] = np.zeros(dim)
 
-    def forward(self, x):  # [..., D] -> [..., D]
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
-        self.rstd = 1.0 / xp_of(var).sqrt(var + self.eps)   # [..., 1]
-        self.xhat = xc * self.rstd                           # [..., D]
-        return self.xhat * self.params["g"] + self.params["b"]
+    def forward(self, x, *, train=True):  # [..., D] -> [..., D]
+        xhat = x - x.mean(axis=-1, keepdims=True)                # x - mu, a new array
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)         # [..., 1]
+        rstd = 1.0 / xp_of(var).sqrt(var + self.eps)             # [..., 1]
+        xhat *= rstd                                             # xhat = (x - mu) r, in place
+        self.save(train, xhat=xhat, rstd=rstd)
+        if train:
+            y = xhat * self.params["g"]
+        else:                                                    # xhat is not kept: reuse it
+            y = xhat
+            y *= self.params["g"]
+        y += self.params["b"]
+        return y
 
     # xhat = (x - mu) r with r = (var + eps)^-1/2. Writing h = dL/dxhat = dy * g, the chain rule
     # through mu (d mu/dx = 1/D) and var (d var/dx = 2 (x - mu)/D, d r/d var = -r^3/2) gives
     #   dx = r (h - mean(h) - xhat mean(h xhat))      (means over the last axis).
     def backward(self, dy):
-        D = dy.shape[-1]
-        self.grads["g"] = (dy * self.xhat).reshape(-1, D).sum(axis=0)
+        xhat, rstd = self.saved("xhat", "rstd")
+        xp, D = xp_of(dy), dy.shape[-1]
+        self.grads["g"] = (dy * xhat).reshape(-1, D).sum(axis=0)
         self.grads["b"] = dy.reshape(-1, D).sum(axis=0)
         h = dy * self.params["g"]
-        return self.rstd * (h - h.mean(axis=-1, keepdims=True)
-                            - self.xhat * (h * self.xhat).mean(axis=-1, keepdims=True))
+        t = h * xhat
+        m = t.mean(axis=-1, keepdims=True)                       # mean(h xhat)  [..., 1]
+        dx = h
+        dx -= h.mean(axis=-1, keepdims=True)
+        dx -= xp.multiply(xhat, m, out=t)                        # reuses t: xhat mean(h xhat)
+        dx *= rstd
+        return dx
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,9 +240,19 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    return 0.5 * (1.0 + erf(x * _INV_SQRT2))
+
+
+def gelu(x):
+    """gelu(x) = x Phi(x) (inference: no slope)."""
+    return x * normal_cdf(x)
+
+
 def gelu_and_slope(x):
     """gelu(x) = x Phi(x) and its derivative Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)."""
-    cdf = 0.5 * (1.0 + erf(x * _INV_SQRT2))               # Phi(x)
+    cdf = normal_cdf(x)                                   # Phi(x)
     pdf = xp_of(x).exp(-0.5 * x * x) * _INV_SQRT2PI       # phi(x)
     return x * cdf, cdf + x * pdf
 
@@ -168,24 +262,55 @@ class GELU(Module):
 
     # The slope is computed in the forward pass, while x is at hand (and in the CPU's cache:
     # `elementwise` works through big arrays piece by piece); backward is one product.
-    def forward(self, x):
-        y, self.slope = elementwise(gelu_and_slope, x)
+    def forward(self, x, *, train=True):
+        if not train:
+            self.save(False)
+            return elementwise(gelu, x)
+        y, slope = elementwise(gelu_and_slope, x)
+        self.save(True, slope=slope)
         return y
 
     def backward(self, dy):
-        return dy * self.slope
+        return dy * self.saved("slope")
+
+
+# ----------------------------------------------------------------------------------------
+# Softmax over the last axis
+# ----------------------------------------------------------------------------------------
+
+def softmax(s):
+    """exp(s - max) / sum exp(s - max) over the last axis (the max keeps exp from overflowing)."""
+    e = xp_of(s).exp(s - s.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def softmax_backward(p, dp):
+    """dL/ds for p = softmax(s), given dp = dL/dp: the Jacobian dp_i/ds_j = p_i (delta_ij - p_j),
+    row by row, gives  ds = p * (dp - sum_j dp_j p_j)."""
+    ds = dp * p
+    r = ds.sum(axis=-1, keepdims=True)                  # [..., 1]
+    xp_of(ds).subtract(dp, r, out=ds)                   # reuses ds: dp - r
+    ds *= p
+    return ds
+
+
+class Softmax(Module):
+    """p = softmax(s) over the last axis; backward needs only p."""
+
+    def forward(self, s, *, train=True):
+        p = softmax(s)
+        self.save(train, p=p)
+        return p
+
+    def backward(self, dp):
+        return softmax_backward(self.saved("p"), dp)
 
 
 # ----------------------------------------------------------------------------------------
 # Multi-head self-attention (no mask): qkv projection without bias, heads concatenated,
 # then an output projection with bias
 # ----------------------------------------------------------------------------------------
-
-def softmax(s, axis=-1):
-    xp = xp_of(s)
-    e = xp.exp(s - s.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
 
 class Attention(Module):
     """softmax(q k^T / sqrt(hd)) v per head; qkv = x W_qkv (no bias); out = proj(concat heads)."""
@@ -197,37 +322,47 @@ class Attention(Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5  # a Python float: keeps float32 arrays float32
         self.qkv = Linear(dim, 3 * dim, rng, bias=False)
+        self.softmax = Softmax()
         self.proj = Linear(dim, dim, rng)
 
-    def forward(self, x):  # [B, L, D] -> [B, L, D]
+    # The heads are views, not copies: qkv's columns are [q | k | v], each [head 0 | head 1 ...],
+    # so [B, L, 3D] reads as [B, L, 3, H, hd] and q, k, v are strided [B, H, L, hd] views. A
+    # batched matmul reads them in place (each [L, hd] matrix has unit column stride); copying
+    # them to contiguous arrays first was no faster (measured at batch 32).
+    def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape
         H, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x)                                            # [B, L, 3D]
-        qkv = qkv.reshape(B, L, 3, H, hd).transpose((2, 0, 3, 1, 4))  # [3, B, H, L, hd]
-        q, k, v = qkv[0], qkv[1], qkv[2]                             # [B, H, L, hd] each
-        self.attn = softmax((q @ k.transpose((0, 1, 3, 2))) * self.scale)  # [B, H, L, L]
-        o = self.attn @ v                                            # [B, H, L, hd]
-        self.q, self.k, self.v = q, k, v
+        qkv = self.qkv(x, train=train)                               # [B, L, 3D]
+        q, k, v = qkv.reshape(B, L, 3, H, hd).transpose((2, 0, 3, 1, 4))  # [B, H, L, hd] each
+        s = q @ k.transpose((0, 1, 3, 2))                            # [B, H, L, L]
+        s *= self.scale
+        A = self.softmax(s, train=train)                             # [B, H, L, L]
+        o = A @ v                                                    # [B, H, L, hd]
+        self.save(train, q=q, k=k, v=v)
         o = o.transpose((0, 2, 1, 3)).reshape(B, L, D)               # heads concatenated
-        return self.proj(o)
+        return self.proj(o, train=train)
 
     # o = A v with A = softmax(S), S = q k^T s:
     #   dA = do v^T,  dv = A^T do,
-    #   dS = A * (dA - rowsum(dA * A))              (softmax Jacobian, row by row),
-    #   dq = s dS k,  dk = s dS^T q.
+    #   dS = softmax_backward(A, dA) s,
+    #   dq = dS k,  dk = dS^T q.
+    # dq, dk, dv are written straight into the [B, L, 3, H, hd] layout of qkv's output, so the
+    # gradient reaches the qkv Linear without a stack or a transpose copy.
     def backward(self, dy):  # [B, L, D] -> [B, L, D]
+        q, k, v = self.saved("q", "k", "v")
         B, L, D = dy.shape
         H, hd = self.num_heads, self.head_dim
-        A, q, k, v = self.attn, self.q, self.k, self.v
+        xp = xp_of(dy)
         do = self.proj.backward(dy).reshape(B, L, H, hd).transpose(0, 2, 1, 3)  # [B, H, L, hd]
-        dA = do @ v.transpose(0, 1, 3, 2)                            # [B, H, L, L]
-        dv = A.transpose(0, 1, 3, 2) @ do                            # [B, H, L, hd]
-        dS = A * (dA - (dA * A).sum(axis=-1, keepdims=True)) * self.scale
-        dq = dS @ k                                                  # [B, H, L, hd]
-        dk = dS.transpose(0, 1, 3, 2) @ q                            # [B, H, L, hd]
-        dqkv = xp_of(dq).stack([dq, dk, dv])                         # [3, B, H, L, hd]
-        dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, L, 3 * D)    # [B, L, 3D]
-        return self.qkv.backward(dqkv)
+        dqkv = xp.empty((B, L, 3, H, hd), dtype=dy.dtype)
+        dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                   # [B, H, L, hd] views
+        A = self.softmax.saved("p")
+        xp.matmul(A.transpose(0, 1, 3, 2), do, out=dv)               # dv = A^T do
+        dS = self.softmax.backward(do @ v.transpose(0, 1, 3, 2))     # [B, H, L, L]
+        dS *= self.scale
+        xp.matmul(dS, k, out=dq)                                     # dq = dS k
+        xp.matmul(dS.transpose(0, 1, 3, 2), q, out=dk)               # dk = dS^T q
+        return self.qkv.backward(dqkv.reshape(B, L, 3 * D))
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,15 +376,19 @@ class MLP(Module):
         self.act = GELU()
         self.fc2 = Linear(hidden, dim, rng)
 
-    def forward(self, x):  # [B, L, D] -> [B, L, rD] -> [B, L, D]
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, rD] -> [B, L, D]
+        return self.fc2(self.act(self.fc1(x, train=train), train=train), train=train)
 
     def backward(self, dy):
         return self.fc1.backward(self.act.backward(self.fc2.backward(dy)))
 
 
+# ========================================================================================
+# Input side: patches, the label token, the time token, positions
+# ========================================================================================
+
 # ----------------------------------------------------------------------------------------
-# Patches: an image [B, C, H, W] <-> tokens [B, N, p*p*C] (channels vary fastest in a patch)
+# Patches: an image [B, C, H, W] -> tokens [B, N, p*p*C] (channels vary fastest in a patch)
 # ----------------------------------------------------------------------------------------
 
 def patchify(x, p):  # [B, C, H, W] -> [B, (H/p)(W/p), p*p*C]
@@ -259,76 +398,23 @@ def patchify(x, p):  # [B, C, H, W] -> [B, (H/p)(W/p), p*p*C]
     return x.reshape(B, h * w, p * p * C)
 
 
-def unpatchify(x, p, C):  # [B, N, p*p*C] -> [B, C, H, W]   (the inverse of patchify)
-    B, N, _ = x.shape
-    h = w = int(round(math.sqrt(N)))
-    x = x.reshape(B, h, w, p, p, C).transpose((0, 5, 1, 3, 2, 4))  # [B, C, h, p, w, p]
-    return x.reshape(B, C, h * p, w * p)
-
-
 class PatchEmbed(Module):
     """A linear map of each flattened p x p patch to D (a conv with kernel = stride = p)."""
 
     def __init__(self, patch_size, in_chans, dim, rng):
         super().__init__()
-        self.p = patch_size
+        self.p, self.in_chans = patch_size, in_chans
         self.proj = Linear(patch_size * patch_size * in_chans, dim, rng)
 
-    def forward(self, x):  # [B, C, H, W] -> [B, N, D]
-        self.C = x.shape[1]
-        return self.proj(patchify(x, self.p))
+    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, N, D]
+        return self.proj(patchify(x, self.p), train=train)
 
     def backward(self, dy):  # [B, N, D] -> [B, C, H, W]
-        return unpatchify(self.proj.backward(dy), self.p, self.C)
+        return unpatchify(self.proj.backward(dy), self.p, self.in_chans)
 
 
 # ----------------------------------------------------------------------------------------
-# 3x3 convolution, padding 1, stride 1 (the conv U-ViT puts after unpatchify)
-# ----------------------------------------------------------------------------------------
-
-class Conv3x3(Module):
-    """out[b, o] = sum_{c,i,j} W[o, c, i, j] xpad[b, c, y+i, x+j] + bias[o] (cross-correlation).
-
-    Init as PyTorch's default for conv layers: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    """
-
-    def __init__(self, c_in, c_out, rng):
-        super().__init__()
-        bound = 1.0 / math.sqrt(c_in * 9)
-        self.params["W"] = rng.uniform(-bound, bound, (c_out, c_in, 3, 3))
-        self.params["b"] = rng.uniform(-bound, bound, (c_out,))
-
-    def forward(self, x):  # [B, C, H, W] -> [B, C_out, H, W]
-        xp = xp_of(x, self.params["W"])
-        B, C, H, W = x.shape
-        self.shape = x.shape
-        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="constant")  # [B, C, H+2, W+2]
-        # im2col: the 9 shifted views, stacked: [B, C, 9, H, W] -> [B, C*9, H*W]
-        cols = xp.stack([xpad[:, :, i:i + H, j:j + W] for i in range(3) for j in range(3)], axis=2)
-        self.cols = cols.reshape(B, C * 9, H * W)
-        Wm = self.params["W"].reshape(self.params["W"].shape[0], C * 9)  # [C_out, C*9]
-        out = Wm @ self.cols + self.params["b"][:, None]           # [B, C_out, H*W]
-        return out.reshape(B, -1, H, W)
-
-    # out = Wm cols + b is a Linear on the columns: dWm = sum_b dout cols^T, db = sum dout,
-    # dcols = Wm^T dout; each column entry is a shifted copy of x, so dx adds the 9 shifts back.
-    def backward(self, dy):  # [B, C_out, H, W] -> [B, C, H, W]
-        xp = xp_of(dy)
-        B, C, H, W = self.shape
-        Wfull = self.params["W"]
-        dy2 = dy.reshape(B, Wfull.shape[0], H * W)                 # [B, C_out, H*W]
-        self.grads["W"] = (dy2 @ self.cols.transpose(0, 2, 1)).sum(axis=0).reshape(Wfull.shape)
-        self.grads["b"] = dy2.sum(axis=(0, 2))
-        dcols = (Wfull.reshape(Wfull.shape[0], C * 9).T @ dy2).reshape(B, C, 9, H, W)
-        dxpad = xp.zeros((B, C, H + 2, W + 2), dtype=dy.dtype)
-        for n in range(9):
-            i, j = divmod(n, 3)
-            dxpad[:, :, i:i + H, j:j + W] += dcols[:, :, n]
-        return dxpad[:, :, 1:-1, 1:-1]
-
-
-# ----------------------------------------------------------------------------------------
-# Conditioning: the label token, the time token, the positional embedding
+# The label token: a table with one extra row, the null label
 # ----------------------------------------------------------------------------------------
 
 class LabelEmbedding(Module):
@@ -342,19 +428,24 @@ class LabelEmbedding(Module):
         self.num_classes = num_classes  # valid labels: 0 .. num_classes (the last is "null")
         self.params["W"] = rng.normal(0.0, 1.0, (num_classes + 1, dim))
 
-    def forward(self, y):  # [B] ints -> [B, D]
-        self.y = y
+    def forward(self, y, *, train=True):  # [B] ints -> [B, D]
+        self.save(train, y=y)
         return self.params["W"][y]
 
     # Row y[b] of W was copied to output b, so dW[r] = sum of dy[b] over the b with y[b] = r:
     # dW = onehot(y)^T dy (a matmul, the same on every backend).
     def backward(self, dy):
+        y = self.saved("y")
         xp = xp_of(dy)
         W = self.params["W"]
-        onehot = (self.y[:, None] == xp.arange(W.shape[0])[None, :]).astype(dy.dtype)  # [B, K+1]
+        onehot = (y[:, None] == xp.arange(W.shape[0])[None, :]).astype(dy.dtype)  # [B, K+1]
         self.grads["W"] = onehot.T @ dy
         return None  # labels are integers: no gradient flows to them
 
+
+# ----------------------------------------------------------------------------------------
+# The time token: a sinusoidal embedding, no parameters
+# ----------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim, dtype):
     """Sinusoidal embedding of timesteps [B] -> [B, dim]: [cos(t f), sin(t f)], cos half first,
@@ -369,6 +460,10 @@ def timestep_embedding(t, dim, dtype):
     return emb.astype(dtype)                                                        # [B, dim]
 
 
+# ----------------------------------------------------------------------------------------
+# Positions: a learned 1-D embedding, added after [label, time, patches] are concatenated
+# ----------------------------------------------------------------------------------------
+
 class PosEmbed(Module):
     """A learned 1-D positional embedding [1, L, D], added to every sequence. Init N(0, 0.02)."""
 
@@ -376,22 +471,23 @@ class PosEmbed(Module):
         super().__init__()
         self.params["pos"] = rng.normal(0.0, 0.02, (1, length, dim))
 
-    def forward(self, x):  # [B, L, D] -> [B, L, D]
-        return x + self.params["pos"]
+    def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, D]
+        return x + self.params["pos"]      # nothing to save: the gradient is dy itself
 
     def backward(self, dy):
         self.grads["pos"] = dy.sum(axis=0, keepdims=True)
         return dy
 
 
-# ----------------------------------------------------------------------------------------
+# ========================================================================================
 # The transformer block, pre-norm, with U-ViT's optional long-skip input
-# ----------------------------------------------------------------------------------------
+# ========================================================================================
 
 class Block(Module):
     """x <- Linear(concat(x, skip)) (out-blocks only); x <- x + attn(LN(x)); x <- x + mlp(LN(x)).
 
-    `skip` picks the long-skip form of an out-block: "concat" (U-ViT), "add", or None (in-blocks).
+    `skip` picks the long-skip form of an out-block: "concat" (U-ViT), "add", or None (in-blocks,
+    the mid-block, and out-blocks without long skips: the `skip` input is then ignored).
     """
 
     def __init__(self, dim, num_heads, mlp_ratio, rng, skip=None):
@@ -405,17 +501,17 @@ class Block(Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = MLP(dim, dim * mlp_ratio, rng)
 
-    def forward(self, x, skip=None):  # [B, L, D] (+ skip [B, L, D]) -> [B, L, D]
+    def forward(self, x, skip=None, *, train=True):  # [B, L, D] (+ skip [B, L, D]) -> [B, L, D]
         if self.skip == "concat":  # U-ViT's choice: Linear(concat(x, skip)) replaces x
-            x = self.skip_linear(xp_of(x, skip).concatenate([x, skip], axis=-1))  # [B, L, 2D] -> [B, L, D]
+            x = self.skip_linear(xp_of(x, skip).concatenate([x, skip], axis=-1), train=train)  # [B, L, 2D] -> [B, L, D]
         elif self.skip == "add":   # the paper's weakest ablation: x + skip
             x = x + skip
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x, train=train), train=train)
+        x = x + self.mlp(self.norm2(x, train=train), train=train)
         return x
 
     # Each residual x + f(LN(x)) passes dy straight through and adds f's path back in.
-    # Returns dx, or (dx, dskip) for an out-block.
+    # Returns dx, or (dx, dskip) for an out-block with a long skip.
     def backward(self, dy):
         dy = dy + self.norm2.backward(self.mlp.backward(dy))
         dy = dy + self.norm1.backward(self.attn.backward(dy))
@@ -426,3 +522,57 @@ class Block(Module):
         dcat = self.skip_linear.backward(dy)                   # [B, L, 2D]
         D = dcat.shape[-1] // 2
         return dcat[..., :D], dcat[..., D:]
+
+
+# ========================================================================================
+# Output side: tokens back to an image, then the 3x3 conv
+# ========================================================================================
+
+def unpatchify(x, p, C):  # [B, N, p*p*C] -> [B, C, H, W]   (the inverse of patchify)
+    B, N, _ = x.shape
+    h = w = int(round(math.sqrt(N)))
+    x = x.reshape(B, h, w, p, p, C).transpose((0, 5, 1, 3, 2, 4))  # [B, C, h, p, w, p]
+    return x.reshape(B, C, h * p, w * p)
+
+
+class Conv3x3(Module):
+    """out[b, o] = sum_{c,i,j} W[o, c, i, j] xpad[b, c, y+i, x+j] + bias[o] (cross-correlation).
+
+    Init as PyTorch's default for conv layers: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+
+    def __init__(self, c_in, c_out, rng):
+        super().__init__()
+        bound = 1.0 / math.sqrt(c_in * 9)
+        self.params["W"] = rng.uniform(-bound, bound, (c_out, c_in, 3, 3))
+        self.params["b"] = rng.uniform(-bound, bound, (c_out,))
+
+    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, C_out, H, W]
+        xp = xp_of(x, self.params["W"])
+        B, C, H, W = x.shape
+        xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="constant")  # [B, C, H+2, W+2]
+        # im2col: the 9 shifted views, stacked: [B, C, 9, H, W] -> [B, C*9, H*W]
+        cols = xp.stack([xpad[:, :, i:i + H, j:j + W] for i in range(3) for j in range(3)], axis=2)
+        cols = cols.reshape(B, C * 9, H * W)
+        self.save(train, cols=cols)
+        Wm = self.params["W"].reshape(self.params["W"].shape[0], C * 9)  # [C_out, C*9]
+        out = Wm @ cols + self.params["b"][:, None]                # [B, C_out, H*W]
+        return out.reshape(B, -1, H, W)
+
+    # out = Wm cols + b is a Linear on the columns: dWm = sum_b dout cols^T, db = sum dout,
+    # dcols = Wm^T dout; each column entry is a shifted copy of x, so dx adds the 9 shifts back.
+    def backward(self, dy):  # [B, C_out, H, W] -> [B, C, H, W]
+        cols = self.saved("cols")
+        xp = xp_of(dy)
+        Wfull = self.params["W"]
+        B, _, H, W = dy.shape
+        C = Wfull.shape[1]
+        dy2 = dy.reshape(B, Wfull.shape[0], H * W)                 # [B, C_out, H*W]
+        self.grads["W"] = (dy2 @ cols.transpose(0, 2, 1)).sum(axis=0).reshape(Wfull.shape)
+        self.grads["b"] = dy2.sum(axis=(0, 2))
+        dcols = (Wfull.reshape(Wfull.shape[0], C * 9).T @ dy2).reshape(B, C, 9, H, W)
+        dxpad = xp.zeros((B, C, H + 2, W + 2), dtype=dy.dtype)
+        for n in range(9):
+            i, j = divmod(n, 3)
+            dxpad[:, :, i:i + H, j:j + W] += dcols[:, :, n]
+        return dxpad[:, :, 1:-1, 1:-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from .backend import Backend, to_numpy, xp_of
+from .backend import Backend, to_numpy
 from .errors import DataError
 from .files import atomic_write
 from .vit import ViT
@@ -68,13 +68,12 @@ def _as_images(images):
 def _forward_batches(model, images, batch_size):
     """(features [N, D], logits [N, K]) as host float64 arrays."""
     images = _as_images(images)
-    W = model.head.params["W"]
-    xp, dtype = xp_of(W), W.dtype
+    xp, dtype = model.xp, model.dtype
     feats, logits = [], []
     for i in range(0, len(images), batch_size):
-        f = model.features(xp.asarray(images[i:i + batch_size], dtype=dtype))   # [b, D]
+        f = model.features(xp.asarray(images[i:i + batch_size], dtype=dtype), train=False)   # [b, D]
         feats.append(to_numpy(f).astype(np.float64))
-        logits.append(to_numpy(model.head(f)).astype(np.float64))             # [b, K]
+        logits.append(to_numpy(model.head(f, train=False)).astype(np.float64))             # [b, K]
     if not feats:
         return np.zeros((0, model.cfg.dim)), np.zeros((0, model.cfg.num_classes))
     return np.concatenate(feats), np.concatenate(logits)

@@ -16,7 +16,10 @@ The network, in the order the data flows (shapes for the `tiny` preset on MNIST)
       -> norm, decoder   LayerNorm, Linear D -> p*p*C   [B, 51, 16]
       -> drop extras     keep the patch tokens          [B, 49, 16]
       -> unpatchify                                     [B, 1, 28, 28]
-      -> final conv      3x3, padding 1                 [B, 1, 28, 28]  = predicted noise
+      -> final conv      3x3, padding 1                 [B, 1, 28, 28]  = the prediction (v or eps)
+
+`forward(x, t, y, train=False)` is the inference path (sampling): no layer keeps anything for
+backward. The shapes above are printed from the real modules by examples/walk_uvit.py.
 """
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -119,7 +122,11 @@ def get_config(preset="tiny", **overrides):
 # ----------------------------------------------------------------------------------------
 
 class UViT(Module):
-    """Predicts the noise eps(x_t, t, y): [B, C, H, W], [B], [B] -> [B, C, H, W]."""
+    """The network's prediction for a noisy image: [B, C, H, W], [B], [B] -> [B, C, H, W].
+
+    What it predicts is the training's choice (diffusion.py): v = sqrt(abar) eps - sqrt(1 - abar) x0
+    by default, or the noise eps as in U-ViT.
+    """
 
     extras = 2  # the label token and the time token come before the patches
 
@@ -140,20 +147,6 @@ class UViT(Module):
         self.decoder_pred = Linear(D, p * p * C, rng)
         self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
 
-    @property
-    def backend(self):
-        """The Backend (NumPy or CuPy, and the float dtype) that the parameters live on."""
-        if getattr(self, "_backend", None) is None:
-            from .backend import Backend
-            W = self.decoder_pred.params["W"]
-            self._backend = Backend("cpu" if xp_of(W) is np else "gpu", W.dtype.name)
-        return self._backend
-
-    @property
-    def dtype(self):
-        """The parameters' float dtype (float32 for training, float64 for gradient checks)."""
-        return self.backend.dtype
-
     def check_inputs(self, x, t, y):
         """Refuse wrong shapes and labels before any computation, naming what was expected."""
         c = self.cfg
@@ -171,43 +164,28 @@ class UViT(Module):
             raise ValueError(f"labels must lie in 0..{c.num_classes} ({c.num_classes} is the null label), "
                              f"got min {int(y.min())}, max {int(y.max())}")
 
-    def forward(self, x, t, y, trace=None):
-        """`trace(name, array)`, if given, sees the data after every stage (examples/walk_uvit.py)."""
+    def forward(self, x, t, y, *, train=True):
+        """The figure, bottom to top. `train=False` (sampling) keeps nothing for backward."""
         self.check_inputs(x, t, y)
         cfg = self.cfg
-        see = trace or (lambda name, a: None)
-        xp = xp_of(x, self.decoder_pred.params["W"])
-        see("input x_t", x)                                                # [B, C, H, W]
-        patches = self.patch_embed(x)                                      # [B, N, D]
-        see("patch_embed", patches)
-        time = timestep_embedding(t, cfg.dim, x.dtype)[:, None, :]         # [B, 1, D]
-        see("time token (timestep_embedding)", time)
-        label = self.label_embed(y)[:, None, :]                            # [B, 1, D]
-        see("label token (label_embed)", label)
-        h = xp.concatenate([label, time, patches], axis=1)                 # [B, 2+N, D]
-        see("concat [label, time, patches]", h)
+        patches = self.patch_embed(x, train=train)                         # [B, N, D]
+        time = timestep_embedding(t, cfg.dim, self.dtype)[:, None, :]      # [B, 1, D]
+        label = self.label_embed(y, train=train)[:, None, :]               # [B, 1, D]
+        h = xp_of(label, time, patches).concatenate([label, time, patches], axis=1)  # [B, 2+N, D]
         if self.pos_embed is not None:
-            h = self.pos_embed(h)
-            see("+ pos_embed", h)
+            h = self.pos_embed(h, train=train)
         skips = []
-        for i, blk in enumerate(self.in_blocks):
-            h = blk(h)
+        for blk in self.in_blocks:
+            h = blk(h, train=train)
             skips.append(h)
-            see(f"in_blocks[{i}] (pushed as skip {i})", h)
-        h = self.mid_block(h)
-        see("mid_block", h)
-        for i, blk in enumerate(self.out_blocks):
-            h = blk(h, skips.pop() if blk.skip else None)
-            see(f"out_blocks[{i}] (long skip from in_blocks[{len(skips)}])" if blk.skip else f"out_blocks[{i}]", h)
-        h = self.decoder_pred(self.norm(h))                                # [B, 2+N, p*p*C]
-        see("norm, decoder_pred", h)
+        h = self.mid_block(h, train=train)
+        for blk in self.out_blocks:                                        # last in, first out
+            h = blk(h, skips.pop(), train=train)
+        h = self.decoder_pred(self.norm(h, train=train), train=train)     # [B, 2+N, p*p*C]
         h = h[:, self.extras:]                                             # [B, N, p*p*C]
-        see("drop label and time tokens", h)
         img = unpatchify(h, cfg.patch_size, cfg.in_chans)                  # [B, C, H, W]
-        see("unpatchify", img)
         if self.final_layer is not None:
-            img = self.final_layer(img)
-            see("final_layer (3x3 conv) = predicted noise", img)
+            img = self.final_layer(img, train=train)
         return img
 
     def backward(self, dout):

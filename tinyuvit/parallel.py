@@ -63,12 +63,13 @@ class DataParallel:
             first = fn(self.model, self.shards[0])
             return [first] + [j.result() for j in jobs]
 
-    def forward(self, x, t, y):
-        """The model's forward on shards of the batch: [B, ...] -> outputs concatenated."""
+    def forward(self, x, t, y, *, train=True):
+        """The model's forward on shards of the batch: [B, ...] -> outputs concatenated.
+        `train=False`: the inference forward, keeping nothing for backward (UViT.forward)."""
         B = x.shape[0]
         bounds = np.linspace(0, B, min(len(self.replicas), B) + 1).round().astype(int).tolist()
         self.shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        outs = self._run(lambda m, s: m.forward(x[s], t[s], y[s]))
+        outs = self._run(lambda m, s: m.forward(x[s], t[s], y[s], train=train))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     __call__ = forward
@@ -100,6 +101,6 @@ class DataParallel:
 def on_cpu_threads(model, threads=None):
     """A NumPy model split over `threads` CPU threads (default: `backend.cpu_threads()`, every
     core unless --threads says otherwise); a CuPy model (or one already split) as it is."""
-    if isinstance(model, DataParallel) or type(model.decoder_pred.params["W"]) is not np.ndarray:
+    if isinstance(model, DataParallel) or model.xp is not np:
         return model
     return DataParallel(model, threads or cpu_threads())

@@ -29,7 +29,7 @@ import numpy as np
 from .backend import Backend, to_numpy, xp_of
 from .checkpoint import config_differences, load_checkpoint, save_checkpoint
 from .data import dataset_difference
-from .diffusion import PREDICTIONS, SAMPLERS, WEIGHTINGS, Diffusion, SampleConfig
+from .diffusion import Diffusion, SampleConfig
 from .errors import CheckpointError, ConfigError, TrainingError
 from .files import RunLock, atomic_write, remove_stale_parts
 from .images import plot_curves, save_grid

@@ -100,20 +100,21 @@ class ViT(Module):
         if len(x.shape) != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(x.shape)}")
 
-    def features(self, x):  # [B, C, H, W] -> [B, D]
+    def features(self, x, *, train=True):  # [B, C, H, W] -> [B, D]
+        """The penultimate features; `train=False` keeps nothing for backward."""
         self.check_inputs(x)
         cls = self.params["cls"]
         xp = xp_of(x, cls)
-        tokens = self.patch_embed(x)                                     # [B, N, D]
+        tokens = self.patch_embed(x, train=train)                        # [B, N, D]
         B, N, D = tokens.shape
         cls = xp.zeros((B, 1, D), dtype=tokens.dtype) + cls              # [B, 1, D]
-        h = self.pos_embed(xp.concatenate([cls, tokens], axis=1))        # [B, 1+N, D]
+        h = self.pos_embed(xp.concatenate([cls, tokens], axis=1), train=train)  # [B, 1+N, D]
         for blk in self.blocks:
-            h = blk(h)
-        return self.norm(h[:, 0])                                        # [B, D]
+            h = blk(h, train=train)
+        return self.norm(h[:, 0], train=train)                           # [B, D]
 
-    def forward(self, x):  # [B, C, H, W] -> [B, num_classes]
-        return self.head(self.features(x))
+    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, num_classes]
+        return self.head(self.features(x, train=train), train=train)
 
     # Only the class token reaches the head, so the gradient enters the last block at
     # position 0 and zero elsewhere; the class token itself was copied to every image, so its
@@ -204,12 +205,10 @@ def random_shift(x, max_shift, rng):
 
 def predict_logits(model, images, batch_size=1000):
     """Logits [N, K] (host float64) for host images [N, C, H, W], batch by batch."""
-    bk_dtype = model.head.params["W"].dtype
-    xp = xp_of(model.head.params["W"])
     out = []
     for i in range(0, len(images), batch_size):
-        x = xp.asarray(images[i:i + batch_size], dtype=bk_dtype)
-        out.append(to_numpy(model(x)).astype(np.float64))
+        x = model.xp.asarray(images[i:i + batch_size], dtype=model.dtype)
+        out.append(to_numpy(model(x, train=False)).astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes))
 
 
@@ -223,7 +222,7 @@ def fit(model, train_x, train_y, steps, batch_size=128, lr=2e-3, weight_decay=0.
 
     Returns (final running loss, final running accuracy, images per second).
     """
-    xp, dtype = xp_of(model.head.params["W"]), model.head.params["W"].dtype
+    xp, dtype = model.xp, model.dtype
     rng = np.random.default_rng(seed + 1)          # batches and shifts (seed: the init)
     warmup = max(1, steps // 20) if warmup is None else warmup
     params = model.state_dict()
