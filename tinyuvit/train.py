@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 loss, dpred = diffusion.loss(pred, target, weight)
                 net.backward(dpred)
                 grads = flat.grad(net)                                          # [P] all of them
-                gnorm = clip_grad_norm(grads, cfg.grad_clip)
+                gnorm = clip_grad_norm(grads, cfg.grad_clip, flat)
                 _check_finite(loss, gnorm, step, run)                           # before the update
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr_schedule)
                 opt.step(grads, lr)
