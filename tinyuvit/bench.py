@@ -200,7 +200,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
         loss = (w * (pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        loss = float(loss)                                  # the loop reads it, as train.py does
+        loss = float(loss.detach())                         # the loop reads it, as train.py does
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         with torch.no_grad():
