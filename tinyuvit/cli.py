@@ -338,5 +338,67 @@ def gradcheck_cmd():
     sys.exit(run())
 
 
+# ----------------------------------------------------------------------------------------
+# tinyuvit bench: a thin shell over tinyuvit.bench.run_bench
+# ----------------------------------------------------------------------------------------
+
+def _more_values(ctx, presets, batches):
+    """Let `--batch 64 128` and `--preset tiny small` list several values after one option:
+    click leaves the extra words in ctx.args; integers are batch sizes, names are presets."""
+    from .errors import ConfigError
+    from .model import PRESETS
+    more_presets = [a for a in ctx.args if a in PRESETS]
+    more_batches = [a for a in ctx.args if a not in PRESETS]
+    for a in more_batches:
+        if not a.lstrip("-").isdigit():
+            raise ConfigError(f"unexpected argument {a!r}: batch sizes are integers, presets {sorted(PRESETS)}")
+    from click.core import ParameterSource
+    default = lambda name: ctx.get_parameter_source(name) == ParameterSource.DEFAULT
+    if more_presets:
+        presets = ([] if default("presets") else list(presets)) + more_presets
+    if more_batches:
+        batches = ([] if default("batches") else list(batches)) + [int(a) for a in more_batches]
+    return list(presets), list(batches)
+
+
+@main.command("bench", context_settings={"allow_extra_args": True})
+@click.option("--preset", "presets", type=click.Choice(["tiny", "small"]), multiple=True, default=["tiny"],
+              show_default=True, help="Model size; repeat the option for several (--preset tiny --preset small).")
+@click.option("--batch", "batches", type=int, multiple=True, default=[64, 128], show_default=True,
+              help="Batch size; repeat the option, or list several after one: --batch 64 128.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: NumPy; gpu: CuPy on an NVIDIA GPU.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Alternating rounds (A, B, A, B, ...); the CPU runs each in a fresh process.")
+@click.option("--repeats", type=int, default=None, help="Timed calls per round. [default: 5 on cpu, 20 on gpu]")
+@click.option("--warmup", type=int, default=None, help="Untimed calls first. [default: 2 on cpu, 5 on gpu]")
+@click.option("--compare", type=click.Choice(["torch", "blas"]), default=None,
+              help="torch: the same network and training step in PyTorch (needs torch installed); "
+                   "blas: the unsplit model on multi-threaded BLAS (CPU).")
+@click.option("--tf32", is_flag=True, help="GPU: TF32 matmuls for tinyuvit (CUPY_TF32=1) and PyTorch.")
+@click.option("--profile", is_flag=True, help="Also print where the time of one step goes, layer type by layer type.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every result (all timings, FLOP rates, memory) to this JSON file.")
+@threads_option
+@friendly_errors
+def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, profile, json_path, threads):
+    """Time a training step and a sampling forward: median ms, img/s, GFLOP/s, memory.
+
+    The training step is tinyuvit.train's (loss, backward, clip, AdamW, EMA); the sampling
+    forward is one guided prediction (the network on the doubled batch). On the CPU every
+    measurement runs in a fresh process, alternating between what is compared.
+
+    \b
+    Examples:
+      tinyuvit bench --batch 64 128
+      tinyuvit bench --compare torch --preset tiny --preset small --json bench.json
+      tinyuvit bench --device gpu --compare torch --tf32 --batch 256 1024
+    """
+    from .bench import run_bench
+    presets, batches = _more_values(click.get_current_context(), presets, batches)
+    run_bench(presets=presets, batches=batches, device=device, rounds=rounds, repeats=repeats, warmup=warmup,
+              compare=compare, tf32=tf32, profile=profile, json_path=json_path, threads=threads, log=click.echo)
+
+
 if __name__ == "__main__":
     main()
