@@ -46,10 +46,10 @@ from collections import defaultdict
 import numpy as np
 
 from .backend import Backend, cpu_threads, cupy_status, set_cpu_threads, synchronize, xp_of
-from .diffusion import Schedule, diffusion_loss
+from .diffusion import Schedule
 from .errors import BackendError, ConfigError
 from .model import PRESETS, UViT, get_config
-from .optim import EMA, AdamW, clip_grad_norm
+from .optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
 
 WHATS = ("train step", "sampling forward")
 COMPARES = ("torch", "blas")
@@ -97,16 +97,16 @@ def train_settings():
     return TrainConfig()
 
 
-def train_step(net, schedule, opt, ema, x0, y, rng, k, tc):
-    """One training step as tinyuvit.train runs it: loss, backward, clip, AdamW, EMA.
-    Returns the loss."""
-    loss, dpred = diffusion_loss(net, schedule, x0, y, rng, tc.p_uncond, net.cfg.num_classes,
-                                 tc.snr_gamma, tc.prediction, tc.weighting)
+def train_step(net, diffusion, flat, opt, ema, x0, y, rng, k, tc):
+    """One training step as tinyuvit.train.train runs it: a noisy batch, forward, the weighted
+    loss and its gradient, backward, clip, AdamW, EMA. Returns the loss."""
+    xt, t, yy, target, weight = diffusion.noisy_batch(x0, y, rng, tc.p_uncond, net.cfg.num_classes)
+    loss, dpred = diffusion.loss(net.forward(xt, t, yy), target, weight)
     net.backward(dpred)
-    grads = net.grad_dict()
-    clip_grad_norm(grads, tc.grad_clip)
+    grads = flat.grad(net)
+    clip_grad_norm(grads, tc.grad_clip, flat)
     opt.step(grads, tc.lr)
-    ema.update(opt.params, k)
+    ema.update(flat, k)
     return loss
 
 
@@ -139,11 +139,12 @@ def setup_tinyuvit(cfg, batch, device="cpu", threads=None, split=True):
     tc = train_settings()
     be = Backend(device, "float32")
     model = UViT(cfg, seed=0).to(be)
-    params = model.state_dict()
+    flat = FlatParams(model)
     net = on_cpu_threads(model, threads) if split else model
-    opt = AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    ema = EMA(params, tc.ema_decay, tc.ema_warmup)
-    schedule = Schedule(tc.T)
+    opt = AdamW(flat, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    ema = EMA(flat, tc.ema_decay, tc.ema_warmup)
+    diffusion = tc.diffusion()
+    schedule = diffusion.schedule
     x0_h, y_h, xs_h = _inputs(cfg, batch)
     x0, xs = be.asarray(x0_h), be.asarray(xs_h)
     ys, ts = be.xp.asarray(y_h), be.xp.full((batch,), schedule.T // 2, dtype=np.int64)
@@ -153,8 +154,7 @@ def setup_tinyuvit(cfg, batch, device="cpu", threads=None, split=True):
         """Forget the activations the layers keep for backward (they persist between calls)."""
         for m in getattr(net, "replicas", [model]):
             for _, mod in m.modules():
-                for name in [n for n, v in vars(mod).items() if type(v).__name__ == "ndarray"]:
-                    delattr(mod, name)
+                mod.cache = None        # what the last forward kept for backward (layers.Module.save)
 
     def release():
         """Drop the activations and hand the GPU memory pool's free blocks back (for the other side)."""
@@ -162,7 +162,7 @@ def setup_tinyuvit(cfg, batch, device="cpu", threads=None, split=True):
         if device == "gpu":
             be.xp.get_default_memory_pool().free_all_blocks()
 
-    return {"train step": lambda k: train_step(net, schedule, opt, ema, x0, y_h, rng, k, tc),
+    return {"train step": lambda k: train_step(net, diffusion, flat, opt, ema, x0, y_h, rng, k, tc),
             "sampling forward": lambda k: sampling_forward(net, xs, ts, ys, cfg.num_classes),
             "sync": synchronize, "drop": drop, "release": release, "model": model, "opt": opt, "ema": ema}
 
@@ -186,7 +186,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
     params = list(net.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     shadow = [p.detach().clone() for p in params]
-    ema_decay = EMA({}, tc.ema_decay, tc.ema_warmup).decay_at
+    ema_decay = lambda k: ema_decay_at(k, tc.ema_decay, tc.ema_warmup)
     schedule = Schedule(tc.T)
     x0_h, y_h, xs_h = _inputs(cfg, batch)
     x0, xs, ys = (torch.from_numpy(a).to(dev) for a in (x0_h, xs_h, y_h))

@@ -380,7 +380,6 @@ def _more_values(ctx, presets, batches):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every result (all timings, FLOP rates, memory) to this JSON file.")
 @threads_option
-@friendly_errors
 def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, profile, json_path, threads):
     """Time a training step and a sampling forward: median ms, img/s, GFLOP/s, memory.
 

@@ -125,7 +125,7 @@ def pieces(flat):
 def _split(arrays, layout):
     """`arrays` cut as `layout` says: slices of one flat array (or of a FlatParams' `data`), or
     names of a {name: array} dict."""
-    if isinstance(layout[0], str):
+    if layout and isinstance(layout[0], str):
         return [arrays[name] for name in layout]
     if isinstance(arrays, dict):
         raise TypeError("flattened parameters take one flat array (FlatParams.grad), not a dict")
@@ -271,7 +271,7 @@ class EMA:
             self._e = _split(self.shadow, self.layout)
 
     def decay_at(self, step):
-        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
+        return ema_decay_at(step, self.decay, self.warmup)
 
     def update(self, params, step):
         """Average in `params`, laid out as at construction (a FlatParams or its flat array, or
@@ -280,3 +280,8 @@ class EMA:
         for e, p in zip(self._e, _split(params, self.layout)):
             e *= d
             e += (1.0 - d) * p
+
+
+def ema_decay_at(step, decay, warmup=True):
+    """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)) with warmup, else decay."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
