@@ -21,26 +21,26 @@ python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'CUDA runtime', 
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" || true
 
 step "1. tests (CuPy cases included)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout 120 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 
 step "2. bench tiny b128 beside PyTorch (fp32)"
-timeout 90 python3 -m tinyuvit.cli bench --device gpu --compare torch --preset tiny --batch 128 \
+timeout 80 python3 -m tinyuvit.cli bench --device gpu --compare torch --preset tiny --batch 128 \
   --rounds 3 --json "$OUT/bench_tiny.json" 2>&1 | tee "$OUT/bench_tiny.log"
 
-step "3. train-mnist --device gpu (defaults), at most ${TRAIN_LIMIT:-210} s (SIGTERM saves)"
-timeout -s TERM ${TRAIN_LIMIT:-210} /usr/bin/time -v python3 -m tinyuvit.cli train-mnist --device gpu \
+step "3. train-mnist --device gpu (defaults), at most ${TRAIN_LIMIT:-180} s (SIGTERM saves)"
+timeout -s TERM ${TRAIN_LIMIT:-180} /usr/bin/time -v python3 -m tinyuvit.cli train-mnist --device gpu \
   --out /tmp/gpu-run --quiet > "$OUT/train.log" 2>&1
 echo "exit $?"; grep -E "training|data:|done|stopped|Elapsed|Maximum resident" "$OUT/train.log"
 tail -1 /tmp/gpu-run/metrics.jsonl
 cp /tmp/gpu-run/{samples.png,loss.png,metrics.jsonl,config.json} "$OUT/" 2>/dev/null
 
 step "4. evaluate --device gpu (10,000 samples)"
-timeout 100 python3 -m tinyuvit.cli evaluate --device gpu --checkpoint /tmp/gpu-run --quiet \
+timeout 90 python3 -m tinyuvit.cli evaluate --device gpu --checkpoint /tmp/gpu-run --quiet \
   --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.log"
 
 step "5. bench small b512 beside PyTorch, fp32 then TF32"
 timeout 70 python3 -m tinyuvit.cli bench --device gpu --compare torch --preset small --batch 512 \
   --rounds 2 --repeats 8 --warmup 3 --json "$OUT/bench_small.json" 2>&1 | tee "$OUT/bench_small.log"
-timeout 50 python3 -m tinyuvit.cli bench --device gpu --compare torch --tf32 --preset small --batch 512 \
+timeout 45 python3 -m tinyuvit.cli bench --device gpu --compare torch --tf32 --preset small --batch 512 \
   --rounds 2 --repeats 8 --warmup 3 --json "$OUT/bench_small_tf32.json" 2>&1 | tee "$OUT/bench_small_tf32.log"
 step "end"
