@@ -28,7 +28,8 @@ timeout 80 python3 -m tinyuvit.cli bench --device gpu --compare torch --preset t
   --rounds 3 --json "$OUT/bench_tiny.json" 2>&1 | tee "$OUT/bench_tiny.log"
 
 step "3. train-mnist --device gpu (defaults), at most ${TRAIN_LIMIT:-180} s (SIGTERM saves)"
-timeout -s TERM ${TRAIN_LIMIT:-180} /usr/bin/time -v python3 -m tinyuvit.cli train-mnist --device gpu \
+TIMER=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v")
+timeout -s TERM ${TRAIN_LIMIT:-180} $TIMER python3 -m tinyuvit.cli train-mnist --device gpu \
   --out /tmp/gpu-run --quiet > "$OUT/train.log" 2>&1
 echo "exit $?"; grep -E "training|data:|done|stopped|Elapsed|Maximum resident" "$OUT/train.log"
 tail -1 /tmp/gpu-run/metrics.jsonl
