@@ -23,3 +23,12 @@ def backend(request):
         if not ok:
             pytest.skip(f"cupy backend unavailable: {why}")
     return DEVICE[request.param]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, an empty cache: MNIST is the embedded subset (10,000 training digits)."""
+    from tinyuvit import data
+    monkeypatch.setattr(data, "MIRRORS", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TINYUVIT_DATA", raising=False)

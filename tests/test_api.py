@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 import tinyuvit
-import tinyuvit.data as data
 from tinyuvit.cli import main, one_row_per_digit
 from tinyuvit.errors import CheckpointError, ConfigError
 from tinyuvit.images import grid
@@ -18,11 +17,7 @@ from tinyuvit.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "MIRRORS", [])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("TINYUVIT_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("offline")   # tests/conftest.py: no network, empty cache
 
 
 def _tiny_run(folder, **kw):

@@ -218,15 +218,6 @@ def test_unwritable_folder_says_no_checkpoint_survived(tmp_path):
 
 # ----- the classifier trainer ------------------------------------------------------------------
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network, an empty cache: MNIST is the embedded subset (10,000 training digits)."""
-    from tinyuvit import data
-    monkeypatch.setattr(data, "MIRRORS", [])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("TINYUVIT_DATA", raising=False)
-
-
 @pytest.mark.parametrize("options, words", [
     (dict(epochs=float("nan")), "--epochs must be a finite number > 0, got nan"),
     (dict(epochs=float("inf")), "--epochs must be a finite number > 0, got inf"),

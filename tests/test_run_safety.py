@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import tinyuvit.data as data
 import tinyuvit.layers as layers
 import tinyuvit.train as train_mod
 from tinyuvit.cli import main
@@ -19,11 +18,7 @@ from tinyuvit.optim import AdamW
 from tinyuvit.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "MIRRORS", [])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("TINYUVIT_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("offline")   # tests/conftest.py: no network, empty cache
 
 
 def cli(*args):

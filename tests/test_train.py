@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import tinyuvit.data as data
 import tinyuvit.train as train_mod
 from tinyuvit.backend import cupy_status
 from tinyuvit.checkpoint import CheckpointError, load_checkpoint
@@ -21,12 +20,7 @@ from tinyuvit.train import TrainConfig, TrainingError, train
 FAST = ["--batch-size", "8", "--sample-steps", "2", "--warmup", "2", "--lr-schedule", "constant", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No network, an empty cache: the CLI falls back to the embedded MNIST subset."""
-    monkeypatch.setattr(data, "MIRRORS", [])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("TINYUVIT_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("offline")   # tests/conftest.py: no network, empty cache
 
 
 def run(*args):
