@@ -9,7 +9,7 @@ What is timed, per preset and batch B:
                      clip, AdamW, EMA. On the CPU the model is split over the threads
                      (tinyuvit.parallel), as training does.
   sampling forward   one guided prediction: the network on the doubled batch (B conditional
-                     + B null labels, 2B images) without gradients, as diffusion.guided_eps.
+                     + B null labels, 2B images) without gradients, as diffusion.guided_output.
 img/s counts the B images of the batch (for sampling: guided predictions per second).
 
 How:
@@ -34,7 +34,6 @@ one sampling forward.
 """
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -111,13 +110,12 @@ def train_step(net, diffusion, flat, opt, ema, x0, y, rng, k, tc):
 
 
 def sampling_forward(net, x, t, y, null_label):
-    """The network's guided prediction as diffusion.guided_eps computes it: one forward on the
-    doubled batch (x with labels y, then x with the null label), without backward caches where
-    the model's forward offers `train=False`. [B, C, H, W] -> [2B, C, H, W]."""
+    """The network's guided prediction as diffusion.guided_output computes it: one forward on the
+    doubled batch (x with labels y, then x with the null label), without backward caches
+    (`train=False`). [B, C, H, W] -> [2B, C, H, W]."""
     xp = xp_of(x)
-    kwargs = {"train": False} if "train" in inspect.signature(net.forward).parameters else {}
     return net.forward(xp.concatenate([x, x]), xp.concatenate([t, t]),
-                       xp.concatenate([y, xp.full_like(y, null_label)]), **kwargs)
+                       xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
 
 
 # ----------------------------------------------------------------------------------------

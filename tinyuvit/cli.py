@@ -208,7 +208,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
     from .images import from_model_range, save_gif, save_grid
     from .progress import Progress
     how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta)
-    digits = _parse_digits(digits)
+    digits = _parse_digits(digits)     # checked here too, before the progress bar is drawn
     check_count("count (--count)", count, 1)
     check_count("seed (--seed)", seed, 0)
     _set_threads(threads)

@@ -15,6 +15,7 @@ A run folder holds:
     samples.png      the final grid
     checkpoint.npz   weights, EMA weights, AdamW moments, step, config (resume from it)
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -320,30 +321,34 @@ class RunFolder:
         self.loss_plot, self.grid = join("loss.png"), join("samples.png")
         self.rows, self.saved_step, self._file = [], None, None
 
+    @contextlib.contextmanager
     def open(self, resume):
-        """Lock the folder (creating it), after checking that a new run does not overwrite an
-        old one and that a resume has something to resume; a context manager."""
+        """`with run.open(resume):` holds the folder's lock (creating the folder), after checking
+        that a new run does not overwrite an old one and that a resume has something to resume.
+        On a failure before any checkpoint, a folder this call created is removed again."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
         created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
-        lock = RunLock(self.path)
         try:
-            lock.__enter__()
-            has_run = os.path.exists(self.checkpoint)
-            if resume and not has_run:
-                raise CheckpointError(f"cannot resume: no checkpoint at {self.checkpoint}; "
-                                      "start without --resume or point --out at the run folder")
-            if not resume and has_run:
-                raise ConfigError(f"{self.path} already holds a run: pass --resume to continue it, "
-                                  "or choose another --out")
-            remove_stale_parts(self.path)   # temporary files of saves that a kill cut short
+            with RunLock(self.path):
+                has_run = os.path.exists(self.checkpoint)
+                if resume and not has_run:
+                    raise CheckpointError(f"cannot resume: no checkpoint at {self.checkpoint}; "
+                                          "start without --resume or point --out at the run folder")
+                if not resume and has_run:
+                    raise ConfigError(f"{self.path} already holds a run: pass --resume to continue it, "
+                                      "or choose another --out")
+                remove_stale_parts(self.path)   # temporary files of saves that a kill cut short
+                try:
+                    yield self
+                finally:
+                    if self._file:
+                        self._file.close()
         except BaseException:
-            lock.__exit__(None, None, None)
-            if created:
+            if created and self.saved_step is None:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
-        return _Opened(self, lock, created)
 
     def write_config(self, run_cfg):
         atomic_write(self.config, lambda f: f.write(json.dumps(run_cfg, indent=2, sort_keys=True).encode()))
@@ -386,24 +391,6 @@ class RunFolder:
         weighting = f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"
         plot_curves(self.loss_plot, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
                     title=f"training loss: {dict(eps='epsilon', v='v')[cfg.prediction]} MSE, {weighting}")
-
-
-class _Opened:
-    """`with run.open(resume):` holds the lock; on a failure before any checkpoint of this
-    call, a folder this call created is removed again."""
-
-    def __init__(self, run, lock, created):
-        self.run, self.lock, self.created = run, lock, created
-
-    def __enter__(self):
-        return self.run
-
-    def __exit__(self, exc_type, *exc):
-        if self.run._file:
-            self.run._file.close()
-        self.lock.__exit__(exc_type, *exc)
-        if exc_type is not None and self.created and self.run.saved_step is None:
-            shutil.rmtree(self.run.path, ignore_errors=True)
 
 
 def _read_jsonl(path):
