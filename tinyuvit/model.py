@@ -34,15 +34,33 @@ from .layers import (Block, Conv3x3, LabelEmbedding, LayerNorm, Linear, Module, 
 # Configuration and named presets
 # ----------------------------------------------------------------------------------------
 
-# The paper's design choices, and which of them this implementation has. U-ViT's are first.
-# An ablation is added by implementing its branch in UViT and listing its name here.
+# The paper's design choices (its ablation study, section 3), U-ViT's first in each row.
+# Each variant is a field of UViTConfig; the branches are in UViT and layers.py.
 CHOICES = {
-    "skip": ("concat", "add", "none"),   # long skip: Linear(concat(x, skip)) | x + skip | none
-    "time_cond": ("token",),             # time as a token (adaptive LayerNorm: not yet)
-    "conv": ("after", "none"),           # 3x3 conv after unpatchify | none (before: not yet)
-    "patch_embed": ("linear",),          # linear patch embedding (conv stack: not yet)
-    "pos_embed": ("learned", "none"),    # learned 1-D | none (2-D sinusoidal: not yet)
+    # long skip, h_m the main branch, h_s the skip:
+    #   Linear(concat(h_m, h_s)) | h_m + h_s | h_m + Linear(h_s) | Linear(h_m + h_s) | no long skip
+    "skip": ("concat", "add", "add_linear", "linear_add", "none"),
+    # time: a token | adaptive LayerNorm in every block, y_s LN(h) + y_b from the time embedding
+    "time_cond": ("token", "adaln"),
+    # the 3x3 conv: after the linear decoder (on the image) | before it (on the tokens as an
+    # image) | none
+    "conv": ("after", "before", "none"),
+    # patch embedding: a linear map of each patch | strided 3x3 convs then a 1x1 conv
+    "patch_embed": ("linear", "conv"),
+    # positions: learned 1-D | fixed 2-D sinusoidal | none
+    "pos_embed": ("learned", "sincos2d", "none"),
 }
+
+
+def ablations():
+    """The one-change variants of the ablation study: [(name, choice, overrides)], U-ViT first.
+
+    U-ViT is every choice at its first value; each other variant changes one choice.
+    """
+    out = [("uvit", None, {})]
+    for choice, values in CHOICES.items():
+        out += [(f"{choice}={v}", choice, {choice: v}) for v in values[1:]]
+    return out
 
 
 def check_sizes(cfg, names):
