@@ -399,5 +399,63 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
               compare=compare, tf32=tf32, profile=profile, json_path=json_path, threads=threads, log=click.echo)
 
 
+# ----------------------------------------------------------------------------------------
+# tinyuvit ablate: a thin shell over tinyuvit.ablate.run_study
+# ----------------------------------------------------------------------------------------
+
+def _budget_help():
+    from .ablate import BUDGETS
+    b = BUDGETS
+    return (f"The CPU budget: {b['quick'].describe()} (about an hour on 2 cores for all 13 runs). "
+            f"Without it: {b['default'].describe()}, meant for a GPU.")
+
+
+@main.command("ablate", epilog="\b\nExamples:\n"
+              "  tinyuvit ablate --list\n"
+              "  tinyuvit ablate --quick --only skip,time     # U-ViT's seeds, the skip and time variants\n"
+              "  tinyuvit ablate --device gpu --out runs/ablate")
+@click.option("--quick", is_flag=True, help=_budget_help())
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Study folder. [default: runs/ablate-quick with --quick, else runs/ablate]")
+@click.option("--only", default=None,
+              help="Comma list of choices (skip, time_cond or time, conv, patch_embed or patch, pos_embed or "
+                   "pos) and/or variants (skip=add); U-ViT's runs (the reference and its seed spread) are "
+                   "always in. [default: every variant]")
+@click.option("--list", "list_only", is_flag=True, help="List the variants and their parameter counts, then stop.")
+@device_option
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Folder with the four MNIST IDX files (else $TINYUVIT_DATA, the cache, a download, "
+                   "or the embedded subset).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@threads_option
+def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads):
+    """The paper's ablation study: U-ViT against each one-change variant of its design.
+
+    Every variant trains with the same budget, seed, data order and recipe, then is scored on its
+    EMA samples (class accuracy, FID); U-ViT trains with three seeds, so its seed spread shows
+    which differences exceed noise. Writes results.md, scores.png, loss.png, learning.png and
+    grids.png into --out (redrawn after every run), beside one run folder per run.
+    Running the same command again resumes the study. Ctrl-C (or SIGTERM, SIGHUP) stops it,
+    after the run in training saved its checkpoint, with exit status 128 + the signal's number.
+    """
+    from .ablate import format_variants, list_variants, parse_only, run_study
+    budget = "quick" if quick else "default"
+    if list_only:
+        parse_only(only)
+        click.echo(format_variants(list_variants(budget), budget))
+        return
+    _set_threads(threads)
+    out_dir = out_dir or os.path.join("runs", "ablate-quick" if quick else "ablate")
+    log = lambda m: click.echo(m, err=True)
+    out = run_study(out_dir, budget, only=only, device=device, data_dir=data_dir, log=log, progress=not quiet)
+    if out["stopped"]:
+        import signal
+        sys.exit(128 + int(getattr(signal, out["stopped"])))
+    with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as f:
+        table = [line for line in f.read().splitlines() if line.startswith("|")]
+    click.echo("\n".join(table))
+    click.echo(f"\nwrote {', '.join(os.path.basename(p) for p in out['files'])} in {out_dir}")
+
+
 if __name__ == "__main__":
     main()

@@ -36,3 +36,7 @@ class CheckpointError(TinyUViTError, ValueError):
 
 class TrainingError(TinyUViTError, RuntimeError):
     """Training cannot go on (a NaN loss or weights, a locked run folder); says what to do."""
+
+
+class DivergedError(TrainingError):
+    """Training diverged: the loss, a gradient or the weights stopped being finite."""

@@ -31,7 +31,7 @@ from .backend import Backend, to_numpy, xp_of
 from .checkpoint import config_differences, load_checkpoint, save_checkpoint
 from .data import dataset_difference
 from .diffusion import Diffusion, SampleConfig
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, DivergedError, TrainingError  # noqa: F401 (TrainingError: re-exported)
 from .files import RunLock, atomic_write, remove_stale_parts
 from .images import plot_curves, save_grid
 from .model import PRESETS, UViT, UViTConfig, get_config
@@ -253,7 +253,7 @@ def _check_finite(loss, gnorm, step, run):
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
         what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {gnorm}"
         kept = f"step {run.saved_step}" if run.saved_step is not None else "none yet"
-        raise TrainingError(f"{what} at step {step}; the last good checkpoint ({kept}) is kept. "
+        raise DivergedError(f"{what} at step {step}; the last good checkpoint ({kept}) is kept. "
                             "Try a lower --lr or a longer --warmup")
 
 
@@ -372,7 +372,7 @@ class RunFolder:
         bad = [name for name, p in params.items() if not bool(xp_of(p).isfinite(p).all())]
         if bad:
             kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
-            raise TrainingError(f"the weights are no longer finite at step {step} ({bad[0]}); the last "
+            raise DivergedError(f"the weights are no longer finite at step {step} ({bad[0]}); the last "
                                 f"good checkpoint ({kept}) is kept. Try a lower --lr or a longer --warmup")
         if self._file:
             self._file.flush()
