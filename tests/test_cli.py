@@ -12,7 +12,7 @@ from tinyuvit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cmd", ["train-mnist", "sample", "evaluate", "gradcheck", "train-classifier"])
+@pytest.mark.parametrize("cmd", ["train-mnist", "sample", "evaluate", "gradcheck", "train-classifier", "ablate"])
 def test_every_command_has_help(cmd):
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0 and "Usage:" in r.output and len(r.output.splitlines()) > 3

@@ -252,8 +252,10 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
         try:
             for i, run in enumerate(runs, 1):
                 where = f"[{i}/{len(runs)}] {run.label if run.variant == 'uvit' else run.variant}"
-                _run_one(run, budget, os.path.join(out_dir, run.folder), where, score, device=device,
-                         data_dir=data_dir, log=log, progress=progress, images=images, labels=labels)
+                if _run_one(run, budget, os.path.join(out_dir, run.folder), where, score, device=device,
+                            data_dir=data_dir, log=log, progress=progress, images=images, labels=labels):
+                    write_report(out_dir, budget, everything)
+            if not os.path.exists(os.path.join(out_dir, "results.md")):
                 write_report(out_dir, budget, everything)
         except _Stopped as stop:
             during = f" during {run.label}" if run else ""
@@ -289,23 +291,26 @@ def _open_study(out_dir, budget, runs):
 
 
 def _run_one(run, budget, folder, where, score, log, **train_args):
-    """Train (or resume) one run, then score it into result.json; a finished run is skipped."""
+    """Train (or resume) one run, then score it into result.json; a finished run is skipped.
+    -> whether there is a new result."""
     result_path = os.path.join(folder, "result.json")
     if os.path.exists(result_path):
         log(f"{where}: finished earlier ({_read_json(result_path).get('status')}), kept")
-        return
+        return False
     ckpt, grid = os.path.join(folder, "checkpoint.npz"), os.path.join(folder, "samples.png")
     step = checkpoint_step(ckpt) if os.path.exists(ckpt) else None
     if step is None or step < budget.steps or not os.path.exists(grid):
         log(f"{where}: training {budget.steps:,} steps" if step is None else
             f"{where}: resuming at step {step:,} of {budget.steps:,}")
+        # train's "Continue with --resume" is train-mnist's advice; a study resumes by itself
+        quiet_resume = lambda m: log(m.replace(". Continue with --resume", ""))
         try:
             out = train(budget.train_config(run.seed, dict(run.overrides)), folder, resume=os.path.exists(ckpt),
-                        log=log, **train_args)
+                        log=quiet_resume, **train_args)
         except DivergedError as e:
             log(f"{where}: diverged: {e}")
             _write_result(result_path, _result(run, folder, status="diverged", message=str(e)))
-            return
+            return True
         if out["stopped"]:
             raise _Stopped(out["stopped"])
     log(f"{where}: scoring {10 * budget.final_per_digit:,} samples")
@@ -313,6 +318,7 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
     _write_result(result_path, res)
     log(f"{where}: class accuracy {100 * res['class_accuracy']:.1f}%, FID {res['fid']:.2f} "
         f"(floor at n = {res['n']:,}: {res['fid_floor_same_n']:.2f})")
+    return True
 
 
 def _result(run, folder, status, message=None, **scores):
