@@ -143,8 +143,12 @@ def test_another_budget_in_the_same_folder_is_one_line_naming_the_fields(tmp_pat
     with pytest.raises(ConfigError, match=r"batch_size 4, eval_every 4 .*; asked for batch_size 8, eval_every 3"):
         study(tmp_path, dataclasses.replace(TEST, batch_size=8, eval_every=3))
     assert cli("ablate", "--quick", "--out", tmp_path, "--only", "conv").exit_code == 0   # same budget: fine
-    runs = json.loads((tmp_path / "study.json").read_text())["runs"]
-    assert [r["folder"] for r in runs] == ["uvit", "uvit-seed1", "conv-before", "conv-none"]
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert [r["folder"] for r in saved["runs"]] == ["uvit", "uvit-seed1", "conv-before", "conv-none"]
+    saved["recipe"]["lr"] = 1e-3                  # the same budget, but TrainConfig's defaults changed
+    (tmp_path / "study.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"run with lr 0.001 .*; asked for lr 0.002"):
+        study(tmp_path)
 
 
 def test_only_picks_choices_aliases_and_variants_and_refuses_others_in_one_line():

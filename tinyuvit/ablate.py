@@ -247,9 +247,10 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
         raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
     os.makedirs(out_dir, exist_ok=True)
     with RunLock(out_dir), _stop_at_once():
-        everything, run = _open_study(out_dir, budget, runs), None
-        score = _Scorer(budget, device, data_dir)
+        everything, run = None, None
         try:
+            everything = _open_study(out_dir, budget, runs)
+            score = _Scorer(budget, device, data_dir)
             for i, run in enumerate(runs, 1):
                 where = f"[{i}/{len(runs)}] {run.label if run.variant == 'uvit' else run.variant}"
                 if _run_one(run, budget, os.path.join(out_dir, run.folder), where, score, device=device,
@@ -261,7 +262,8 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
             during = f" during {run.label}" if run else ""
             log(f"the study stopped ({stop.name}){during}; finished runs are kept. To resume, run the same "
                 "command again")
-            return dict(stopped=stop.name, results=_results(out_dir, everything), files=report_files(out_dir))
+            return dict(stopped=stop.name, results=_results(out_dir, everything or []),
+                        files=report_files(out_dir))
     log(f"done: {len(runs)} runs in {out_dir}")
     return dict(stopped=None, results=_results(out_dir, everything), files=report_files(out_dir))
 
@@ -271,23 +273,38 @@ def _open_study(out_dir, budget, runs):
     every run asked for so far (study.json); -> those runs, in study order."""
     path = os.path.join(out_dir, "study.json")
     saved = _read_json(path)
-    asked = budget.to_dict()
+    asked, recipe = budget.to_dict(), _recipe(budget)
     if saved is not None:
-        old = saved.get("budget", {})
-        diffs = [k for k in asked if old.get(k) != asked[k]]
-        if diffs:
-            show = lambda d: ", ".join(f"{k} {json.dumps(d.get(k))}" for k in diffs)
-            name = budget_name(old)
-            hint = f" (the {name} budget{': add --quick' if name == 'quick' else ''})" if name else ""
-            raise ConfigError(f"this study ({out_dir}) was run with {show(old)}{hint}; asked for {show(asked)}: "
-                              "use another --out or the same budget")
+        _check_same(out_dir, saved.get("budget", {}), asked)
+        if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
+            _check_same(out_dir, saved["recipe"], recipe, hint=" (training defaults that changed since)")
     before = {r["folder"] for r in (saved or {}).get("runs", [])}
     wanted = {r.folder for r in runs} | before
     everything = [r for r in plan_runs(budget) if r.folder in wanted]
-    study = dict(budget=asked, budget_name=budget_name(budget),
+    study = dict(budget=asked, budget_name=budget_name(budget), recipe=recipe,
                  runs=[dict(variant=r.variant, seed=r.seed, folder=r.folder) for r in everything])
     atomic_write(path, lambda f: f.write(json.dumps(study, indent=2).encode()))
     return everything
+
+
+def _check_same(out_dir, old, asked, hint=None):
+    """ConfigError naming the fields in which the study's saved budget (or recipe) differs."""
+    diffs = [k for k in asked if old.get(k) != asked[k]]
+    if diffs:
+        show = lambda d: ", ".join(f"{k} {json.dumps(d.get(k))}" for k in diffs)
+        name = budget_name(old)
+        if hint is None:
+            hint = f" (the {name} budget{': add --quick' if name == 'quick' else ''})" if name else ""
+        raise ConfigError(f"this study ({out_dir}) was run with {show(old)}{hint}; asked for {show(asked)}: "
+                          "use another --out or the same budget")
+
+
+def _recipe(budget):
+    """U-ViT's whole training configuration (but its seed) under `budget`: TrainConfig's defaults
+    and the model config included, so that a study never mixes two recipes."""
+    d = budget.train_config(budget.seeds[0]).to_dict()
+    d.pop("seed")
+    return json.loads(json.dumps(d))
 
 
 def _run_one(run, budget, folder, where, score, log, **train_args):
@@ -309,7 +326,8 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
                         log=quiet_resume, **train_args)
         except DivergedError as e:
             log(f"{where}: diverged: {e}")
-            _write_result(result_path, _result(run, folder, status="diverged", message=str(e)))
+            params = count_params(budget.preset, {**budget.model, **dict(run.overrides)}, run.value)
+            _write_result(result_path, _result(run, folder, status="diverged", message=str(e), params=params))
             return True
         if out["stopped"]:
             raise _Stopped(out["stopped"])
@@ -321,11 +339,11 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
     return True
 
 
-def _result(run, folder, status, message=None, **scores):
+def _result(run, folder, status, message=None, params=None, **scores):
     """result.json of a run: what it is, its scores (None when diverged), its training time."""
     rows = _read_jsonl(os.path.join(folder, "metrics.jsonl"))
     res = dict(variant=run.variant, choice=run.choice, value=run.value, seed=run.seed, folder=run.folder,
-               status=status, message=message, params=None, class_accuracy=None, fid=None, fid_floor=None,
+               status=status, message=message, params=params, class_accuracy=None, fid=None, fid_floor=None,
                fid_floor_same_n=None, n=None, steps=rows[-1]["step"] if rows else 0,
                train_seconds=round(train_seconds(rows), 1))
     res.update(scores)

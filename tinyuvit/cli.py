@@ -438,10 +438,9 @@ def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads
     Running the same command again resumes the study. Ctrl-C (or SIGTERM, SIGHUP) stops it,
     after the run in training saved its checkpoint, with exit status 128 + the signal's number.
     """
-    from .ablate import format_variants, list_variants, parse_only, run_study
+    from .ablate import format_variants, list_variants, run_study
     budget = "quick" if quick else "default"
     if list_only:
-        parse_only(only)
         click.echo(format_variants(list_variants(budget), budget))
         return
     _set_threads(threads)
