@@ -527,7 +527,8 @@ def results_markdown(budget, entries):
         "digits as samples.", ""]
     lines += results_table(b, entries)
     lines += ["", "(Δ: difference from U-ViT's mean. \\*: outside the range of U-ViT's seeds, i.e. larger than "
-              "the seed noise seen here. Few seeds and short training: treat small differences with care.)"]
+              "the seed noise seen here. Few seeds and short training: treat small differences with care. "
+              "Train time includes the learning curves' evaluations.)"]
     diverged = [e for e in entries if e.result and not e.ok]
     if diverged:
         lines += ["", "Diverged:"] + [f"- {e.run.label}: {e.result.get('message')}" for e in diverged]
@@ -622,9 +623,10 @@ def plot_scores(path, budget, entries):
             ax.axhspan(lo, hi, color="0.5", alpha=0.18, lw=0, label="U-ViT seed range (min–max)")
             ax.axhline(mean, color="0.3", ls="--", lw=1, label="U-ViT mean")
             ax.bar(xs[0], mean, width=0.7, color="0.35", zorder=2)
-            ax.scatter([xs[0]] * len(seeds), [e.score(metric) for e in seeds], color="white", edgecolor="k",
-                       zorder=3, s=22, label="U-ViT seeds")
-            _bar_label(ax, xs[0], mean, metric)
+            points = [e.score(metric) for e in seeds]
+            ax.scatter([xs[0]] * len(seeds), points, color="white", edgecolor="k", zorder=3, s=22,
+                       label="U-ViT's seeds (the bar: their mean)")
+            _bar_label(ax, xs[0], mean, metric, at=max(points))     # above the points
         for xi, e in zip(xs, bars):
             if e is None:
                 continue
@@ -637,17 +639,21 @@ def plot_scores(path, budget, entries):
         _score_limits(ax, metric, values)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right" if metric == "fid" else "lower right")
     axes[1].set_xticks(xs)
     axes[1].set_xticklabels(labels, fontsize=8)
     fig.suptitle(f"U-ViT ablation on MNIST: {budget.describe()}", fontsize=11)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:        # one legend for both panels, under the title
+        fig.legend(handles, names, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 0.955))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     _save(fig, path)
 
 
-def _bar_label(ax, x, value, metric):
-    ax.annotate(f"{value:.1f}" if metric == "accuracy" else f"{value:.2f}", (x, value), xytext=(0, 2),
-                textcoords="offset points", ha="center", va="bottom", fontsize=7)
+def _bar_label(ax, x, value, metric, at=None):
+    """The value written above its bar (or above `at`)."""
+    ax.annotate(f"{value:.1f}" if metric == "accuracy" else f"{value:.2f}", (x, value if at is None else at),
+                xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
 
 
 def _score_limits(ax, metric, values):
