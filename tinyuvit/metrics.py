@@ -233,7 +233,7 @@ def pixel_stats(images_uint8, labels=None):
     digit-by-digit ink -> a plain dict (floats, lists; JSON as it is):
 
     n, ink_mean (sum of pixels / 255 per image, averaged), ink_per_digit and ink_spread_per_digit
-    ({"3": mean, ...} and {"3": standard deviation, ...} over each digit's images; empty without
+    ({"3": mean, ...} and {"3": standard deviation (ddof 0), ...} over each digit's images; empty without
     labels), zero_share, faint_share, saturated_share (shares of all pixels that are 0, 1..16 and
     255), histogram (256 counts: how many pixels take each value 0..255).
     """
