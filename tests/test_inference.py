@@ -1,6 +1,7 @@
 """The inference path, forward(..., train=False): the same outputs as the training forward,
 nothing kept for backward (and backward refuses), on both backends; and float32 stays float32."""
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, to_numpy
 from tinyuvit.layers import Module
-from tinyuvit.model import UViT, UViTConfig, get_config
+from tinyuvit.model import UViT, UViTConfig, ablations, get_config
 from tinyuvit.parallel import DataParallel
 
 from test_layers import LAYERS, move
@@ -69,10 +70,12 @@ def test_layer_inference_equals_training_forward(backend, dtype, name):
     np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
 
 
+@pytest.mark.parametrize("variant", [name for name, _, _ in ablations()])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_model_inference_equals_training_forward(backend, dtype):
+def test_model_inference_equals_training_forward(backend, dtype, variant):
     be = Backend(backend, dtype)
-    m = gc.randomize(UViT(CFG, seed=1), np.random.default_rng(2)).to(be)
+    overrides = {n: o for n, _, o in ablations()}[variant]
+    m = gc.randomize(UViT(replace(CFG, **overrides), seed=1), np.random.default_rng(2)).to(be)
     x, t, y = model_inputs(CFG)
     args = (be.asarray(x), be.asarray(t), be.xp.asarray(y))
     want = m.forward(*args)
@@ -107,7 +110,7 @@ def test_layer_backward_after_inference_raises(name):
     layer.backward(np.ones(out.shape))                    # fine after a training forward
     layer(*inputs, train=False)
     assert kept_arrays(layer) == []
-    if name in ("PosEmbed", "unpatchify"):                # their backward needs nothing kept
+    if name in ("PosEmbed", "SinCosPosEmbed", "unpatchify"):  # their backward needs nothing kept
         return
     with pytest.raises(RuntimeError, match=r"backward needs a training forward first"):
         layer.backward(np.ones(out.shape))
@@ -163,8 +166,9 @@ class Float32Only(np.ndarray):
         return tuple(wrap(r) for r in results) if isinstance(result, tuple) else wrap(result)
 
 
-def test_float32_training_step_computes_only_float32():
-    c = get_config("tiny", img_size=8, patch_size=2)
+@pytest.mark.parametrize("variant", [name for name, _, _ in ablations()])
+def test_float32_training_step_computes_only_float32(variant):
+    c = get_config("tiny", img_size=8, patch_size=2, **{n: o for n, _, o in ablations()}[variant])
     m = UViT(c).to(Backend("cpu", "float32"))
     for _, mod, k in m.named_parameters():
         mod.params[k] = mod.params[k].view(Float32Only)
@@ -178,7 +182,7 @@ def test_float32_training_step_computes_only_float32():
         assert g.dtype == np.float32, name
     for name, mod in m.modules():
         for k, a in (mod.cache or {}).items():
-            assert a.dtype.kind != "f" or a.dtype == np.float32, f"{name} cache {k}: {a.dtype}"
+            assert not is_array(a) or a.dtype.kind != "f" or a.dtype == np.float32, f"{name} cache {k}: {a.dtype}"
 
 
 def test_the_spy_sees_a_promotion():

@@ -9,9 +9,9 @@ from scipy.signal import correlate2d
 
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, BackendError, cupy_status, to_numpy
-from tinyuvit.layers import (GELU, MLP, Attention, Block, Conv3x3, LabelEmbedding, LayerNorm,
-                             Linear, PatchEmbed, PosEmbed, Softmax, patchify, softmax,
-                             timestep_embedding, unpatchify)
+from tinyuvit.layers import (GELU, MLP, AdaLN, Attention, Block, Conv3x3, ConvPatchEmbed, LabelEmbedding,
+                             LayerNorm, Linear, PatchEmbed, PosEmbed, SinCosPosEmbed, Softmax, patchify,
+                             sincos_2d, softmax, timestep_embedding, unpatchify)
 
 FD_TOL, AG_TOL = 1e-6, 1e-10        # gradients: vs finite differences, vs autograd (float64)
 F64_TOL, F32_TOL = 1e-10, 1e-4      # parity of another backend/dtype with float64 NumPy
@@ -49,6 +49,60 @@ def test_grad_unpatchify():     helper_test_grad("unpatchify", lambda g: gc.Unpa
 def test_grad_block_in():       helper_test_grad("Block", lambda g: Block(8, 2, 2, g), randn(2, 4, 8))
 def test_grad_block_concat():   helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="concat"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
 def test_grad_block_add():      helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="add"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
+
+# the ablation study's layers
+def test_grad_layernorm_plain(): helper_test_grad("LayerNorm", lambda g: LayerNorm(6, affine=False), randn(2, 3, 6, seed=3))  # seed 0 would equal the cotangent
+def test_grad_adaln():          helper_test_grad("AdaLN", lambda g: AdaLN(6, g), randn(2, 3, 6), randn(2, 6, seed=1))
+def test_grad_conv_stride2():   helper_test_grad("Conv3x3", lambda g: Conv3x3(2, 3, g, stride=2), randn(2, 2, 6, 4))
+def test_grad_conv_stride2_odd(): helper_test_grad("Conv3x3", lambda g: Conv3x3(1, 2, g, stride=2), randn(2, 1, 5, 7))
+def test_grad_conv_patch_p2():  helper_test_grad("ConvPatchEmbed", lambda g: ConvPatchEmbed(2, 3, 8, g), randn(2, 3, 4, 4))
+def test_grad_conv_patch_p4():  helper_test_grad("ConvPatchEmbed", lambda g: ConvPatchEmbed(4, 1, 8, g), randn(2, 1, 8, 8))
+def test_grad_sincos_pos():     helper_test_grad("SinCosPosEmbed", lambda g: SinCosPosEmbed(2, 2, 8), randn(2, 6, 8))
+def test_grad_block_add_linear(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="add_linear"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
+def test_grad_block_linear_add(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="linear_add"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
+def test_grad_block_adaln():    helper_test_grad("Block", lambda g: Block(8, 2, 2, g, adaln=True), randn(2, 4, 8), None, randn(2, 8, seed=2), diff=(0,))
+def test_grad_block_adaln_skip(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="concat", adaln=True),
+                                                   randn(2, 4, 8), randn(2, 4, 8, seed=1), randn(2, 8, seed=2), diff=(0, 1))
+
+
+def test_conv_stride2_equals_every_other_pixel_of_stride1():
+    """A stride-2 conv is the stride-1 conv read at even rows and columns."""
+    rng = np.random.default_rng(0)
+    c1, x = Conv3x3(2, 3, rng), randn(2, 2, 6, 8)
+    c2 = Conv3x3(2, 3, np.random.default_rng(1), stride=2)
+    c2.params = dict(c1.params)
+    np.testing.assert_allclose(c2(x), c1(x)[:, :, ::2, ::2], rtol=1e-12, atol=1e-12)
+    assert c2(x).shape == (2, 3, 3, 4)
+
+
+def test_conv_patch_embed_gives_the_linear_token_grid():
+    x = randn(3, 1, 28, 28)
+    assert ConvPatchEmbed(4, 1, 16, np.random.default_rng(0))(x).shape == PatchEmbed(4, 1, 16, np.random.default_rng(0))(x).shape == (3, 49, 16)
+    with pytest.raises(ValueError, match="power of 2"):
+        ConvPatchEmbed(3, 1, 16, np.random.default_rng(0))
+
+
+def test_adaln_starts_as_layernorm_and_uses_the_time():
+    rng = np.random.default_rng(0)
+    ada, x = AdaLN(6, rng), randn(2, 3, 6)
+    e = randn(2, 6, seed=1)
+    ada.emb.params["W"][:] = 0                       # no time dependence: scale 1, shift 0
+    np.testing.assert_allclose(ada(x, e), LayerNorm(6)(x), atol=1e-12)
+    ada.emb.params["W"] = randn(6, 12, seed=2)
+    y = ada(x, e)
+    ys, yb = (e @ ada.emb.params["W"] + ada.emb.params["b"])[:, None, :6], (e @ ada.emb.params["W"])[:, None, 6:]
+    np.testing.assert_allclose(y, ys * LayerNorm(6)(x) + yb, atol=1e-12)
+
+
+def test_sincos_2d_rows_and_columns():
+    """Row r's tokens share the first half of their code, column c's the second; sin(0) = 0, cos(0) = 1."""
+    t = sincos_2d(3, 8).reshape(3, 3, 8)
+    np.testing.assert_allclose(t[:, 0, :4], t[:, 2, :4])          # same row: same row code
+    np.testing.assert_allclose(t[0, :, 4:], t[2, :, 4:])          # same column: same column code
+    np.testing.assert_allclose(t[0, 0], [0, 0, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_allclose(t[1, 2, 0], math.sin(1.0)); np.testing.assert_allclose(t[1, 2, 4], math.sin(2.0))
+    x = randn(2, 11, 8)
+    np.testing.assert_allclose(SinCosPosEmbed(2, 3, 8)(x)[:, :2], x[:, :2])  # no position for the extras
 
 
 def test_gradcheck_catches_a_wrong_backward(monkeypatch):
@@ -248,6 +302,14 @@ LAYERS = {
     "Block in": (lambda g: Block(8, 2, 2, g), (randn(2, 4, 8),)),
     "Block concat": (lambda g: Block(8, 2, 2, g, skip="concat"), (randn(2, 4, 8), randn(2, 4, 8, seed=1))),
     "Block add": (lambda g: Block(8, 2, 2, g, skip="add"), (randn(2, 4, 8), randn(2, 4, 8, seed=1))),
+    "Block add_linear": (lambda g: Block(8, 2, 2, g, skip="add_linear"), (randn(2, 4, 8), randn(2, 4, 8, seed=1))),
+    "Block linear_add": (lambda g: Block(8, 2, 2, g, skip="linear_add"), (randn(2, 4, 8), randn(2, 4, 8, seed=1))),
+    "AdaLN": (lambda g: AdaLN(6, g), (randn(2, 3, 6), randn(2, 6, seed=1))),
+    "Block adaln": (lambda g: Block(8, 2, 2, g, skip="concat", adaln=True),
+                    (randn(2, 4, 8), randn(2, 4, 8, seed=1), randn(2, 8, seed=2))),
+    "Conv3x3 stride 2": (lambda g: Conv3x3(2, 3, g, stride=2), (randn(2, 2, 6, 4),)),
+    "ConvPatchEmbed": (lambda g: ConvPatchEmbed(4, 1, 8, g), (randn(2, 1, 8, 8),)),
+    "SinCosPosEmbed": (lambda g: SinCosPosEmbed(2, 2, 8), (randn(2, 6, 8),)),
 }
 
 

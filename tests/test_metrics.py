@@ -99,15 +99,22 @@ def test_reference_stats_cache_and_fid_of_real_digits(classifier, mnist, tmp_pat
     assert again["fid_floor"] == ref["fid_floor"] and 0 < ref["fid_floor"] < 5
 
     # real test digits against the test-set reference: small; noise: large
-    real = metrics.evaluate_images(images[:2000], labels[:2000], classifier, reference=ref)
+    real = metrics.evaluate_images(images[:2000], labels[:2000], classifier, reference=ref, data_dir=data_dir)
     assert real["n"] == 2000 and real["class_accuracy"] >= 0.98
     per = real["per_digit_accuracy"]
     assert sorted(per) == [str(d) for d in range(10)] and min(per.values()) >= 0.95
     n_d = np.bincount(labels[:2000], minlength=10)             # the overall figure, digit by digit
     assert sum(per[str(d)] * n_d[d] for d in range(10)) / 2000 == pytest.approx(real["class_accuracy"])
     noise = np.random.default_rng(0).uniform(-1, 1, (500, 1, 28, 28)).astype(np.float32)
-    bad = metrics.evaluate_images(noise, np.zeros(500, int), classifier, reference=ref)
+    bad = metrics.evaluate_images(noise, np.zeros(500, int), classifier, reference=ref, data_dir=data_dir)
     assert real["fid"] < 3 * ref["fid_floor"] + 1 and bad["fid"] > 20 * real["fid"]
+
+    # pixels: test digits look like as many training digits of each class; noise does not
+    pixels, noisy = real["pixels"], bad["pixels"]
+    assert pixels["real"]["n"] == 2000 and pixels["histogram_tv"] < 0.02
+    assert abs(pixels["generated"]["ink_mean"] / pixels["real"]["ink_mean"] - 1) < 0.1   # 95 vs 101: other writers
+    assert 0.75 < pixels["real"]["zero_share"] < 0.85 and pixels["real"]["faint_share"] < 0.03
+    assert noisy["histogram_tv"] > 0.7 and noisy["generated"]["faint_share"] > 0.05
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from scipy.special import erf
 
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, to_numpy
-from tinyuvit.model import UViT, UViTConfig, get_config
+from tinyuvit.model import CHOICES, UViT, UViTConfig, ablations, get_config
 
 FD_TOL, AG_TOL = 1e-6, 1e-10
 F64_TOL, F32_TOL = 1e-10, 1e-4
@@ -52,6 +52,31 @@ def test_grad_model_depth3():        helper_test_model_grad(cfg(depth=3, in_chan
 def test_grad_model_skip_add():      helper_test_model_grad(cfg(skip="add"))
 def test_grad_model_skip_none():     helper_test_model_grad(cfg(skip="none"))
 def test_grad_model_plain():         helper_test_model_grad(cfg(depth=2, conv="none", pos_embed="none"))
+
+
+@pytest.mark.parametrize("variant", [name for name, choice, _ in ablations() if choice])
+def test_grad_model_ablation(variant):
+    """Every variant of the ablation study: the whole model's gradients."""
+    helper_test_model_grad(cfg(**{n: o for n, _, o in ablations()}[variant]))
+
+
+def test_ablations_are_one_change_each():
+    rows = ablations()
+    assert len(rows) == 11 and rows[0] == ("uvit", None, {})
+    base = UViTConfig()
+    for name, choice, overrides in rows[1:]:
+        assert list(overrides) == [choice] and overrides[choice] != getattr(base, choice)
+        assert name == f"{choice}={overrides[choice]}"
+    assert {c: getattr(base, c) for c in CHOICES} == {c: v[0] for c, v in CHOICES.items()}
+
+
+def test_adaln_variant_has_no_time_token():
+    c = cfg(time_cond="adaln")
+    m = UViT(c)
+    assert m.extras == 1 and m.pos_embed.params["pos"].shape[1] == 1 + c.num_patches
+    x, t, y = inputs(c)
+    a, b = m(x, t, y), m(x, t + 100.0, y)
+    assert not np.allclose(a, b)                       # the time still reaches the output
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,7 +230,9 @@ def test_bad_input(change, message):
     (dict(dim=10, num_heads=4), "dim 10 must be divisible by num_heads 4"),
     (dict(depth=0), "depth must be a positive integer, got 0"),
     (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
-    (dict(skip="mul"), "skip must be one of ('concat', 'add', 'none'), got 'mul'"),
+    (dict(skip="mul"), "skip must be one of ('concat', 'add', 'add_linear', 'linear_add', 'none'), got 'mul'"),
+    (dict(patch_size=1, patch_embed="conv"), "patch_size must be a power of 2 (2, 4, ...), got 1"),
+    (dict(dim=18, num_heads=2, pos_embed="sincos2d"), "pos_embed 'sincos2d' needs dim divisible by 4, got 18"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -16,7 +16,7 @@ from .backend import Backend
 from .checkpoint import load_checkpoint
 from .diffusion import Diffusion, SampleConfig
 from .errors import ConfigError
-from .evaluate import BATCH_SIZE, PER_DIGIT, check_count, evaluate_model
+from .evaluate import BATCH_SIZE, PER_DIGIT, check_count, check_picture, evaluate_model
 from .images import from_model_range
 from .model import UViT, UViTConfig
 from .parallel import on_cpu_threads
@@ -50,23 +50,25 @@ class Run:
         return from_model_range(x)
 
     def evaluate(self, per_digit=None, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None, data_dir=None,
-                 progress=None, **settings):
-        """Class accuracy and FID of `per_digit` samples of every digit (default: 300 on a CPU,
-        1,000 on a GPU) -> the dict that `tinyuvit evaluate --json` writes.
+                 progress=None, picture=None, **settings):
+        """Class accuracy, FID and pixel measures of `per_digit` samples of every digit (default:
+        300 on a CPU, 1,000 on a GPU) -> the dict that `tinyuvit evaluate --json` writes.
 
         `classifier`: a path to a classifier made by `tinyuvit train-classifier`, or a loaded
-        one (default: the one shipped with tinyuvit). `data_dir`: MNIST for the FID reference."""
+        one (default: the one shipped with tinyuvit). `data_dir`: MNIST for the FID reference and
+        the real digits. `picture`: a PNG path for pixel histograms and samples beside real digits."""
         from .metrics import load_classifier, reference_stats
         how = _sample_config(how, settings)
         per_digit = PER_DIGIT[self.model.backend.device] if per_digit is None else per_digit
         check_count("samples per digit (--per-digit)", per_digit, 2)
         check_count("batch size (--batch-size)", batch_size, 1)
         check_count("seed (--seed)", seed, 0)
+        picture = check_picture(picture)
         if classifier is None or isinstance(classifier, (str, os.PathLike)):
             classifier = load_classifier(classifier, backend=self.model.backend)
         reference = reference_stats(classifier, data_dir=data_dir)
         res = evaluate_model(self.model, self.diffusion, per_digit, how, seed, batch_size, classifier, reference,
-                             progress=progress)
+                             data_dir=data_dir, progress=progress, picture=picture)
         res["checkpoint_step"] = self.step
         # FID falls with the number of samples: the floor at the same n is the like-for-like bound
         res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])

@@ -71,7 +71,7 @@ def uvit_flops(cfg, batch):
     2 B (K+1) D) is left out. tests/test_bench.py checks this against counted matmuls.
     """
     D, p, C = cfg.dim, cfg.patch_size, cfg.in_chans
-    N, L, R = cfg.num_patches, cfg.num_patches + UViT.extras, cfg.mlp_ratio
+    N, L, R = cfg.num_patches, cfg.num_patches + 2, cfg.mlp_ratio
     block = 2 * L * D * 3 * D + 2 * (2 * L * L * D) + 2 * L * D * D + 2 * (2 * L * D * R * D)
     skip_linear = 2 * L * 2 * D * D if cfg.skip == "concat" else 0
     per_image = (2 * N * p * p * C * D

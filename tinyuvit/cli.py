@@ -261,16 +261,26 @@ def one_row_per_digit(images, count):
 @click.option("--data-dir", type=click.Path(), default=None, help="MNIST folder for the FID reference.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint]")
+@click.option("--picture", "picture_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw a PNG here (e.g. pixels.png): the pixel-value histograms of samples and real "
+                   "digits (log scale), the ink per digit, and samples beside real digits enlarged 4x, as "
+                   "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_size, classifier, data_dir,
-                 json_path, quiet, threads):
-    """Score a run: class accuracy and FID of its samples, with the FID floor of real digits.
+                 json_path, picture_path, quiet, threads):
+    """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
+    and their pixels beside real digits.
 
     Samples --per-digit images of every digit with the EMA weights; the shipped ViT classifier
     labels them (class accuracy = share read as the digit asked for) and its penultimate
     features give the Frechet distance to the MNIST test set (FID). The floor is the FID of
     10,000 real training digits: the best a generator can hope for.
+
+    The pixels (0..255, as in the sample PNGs) are compared with as many real training digits
+    of each class: ink (sum of pixels / 255) per digit and its spread, the shares of pixels
+    that are 0, faint (1..16, grey haze) and saturated (255), and the total variation distance
+    of the pixel histograms (0 = the same, 1 = no value in common).
     """
     import json
     from .api import load
@@ -286,8 +296,11 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     json_path = check_output_path(json_path or os.path.join(os.path.dirname(run.path),
                                                             f"eval_{sampler}{steps}_g{guidance:g}.json"),
                                   suffixes=(".json",), what="--json")
+    if picture_path is not None:
+        picture_path = check_output_path(picture_path, suffixes=(".png",), what="--picture")
     with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
-        res = run.evaluate(per_digit, how, seed, batch_size, classifier=classifier, data_dir=data_dir, progress=bar)
+        res = run.evaluate(per_digit, how, seed, batch_size, classifier=classifier, data_dir=data_dir, progress=bar,
+                           picture=picture_path)
     click.echo(f"checkpoint       {run.path} (step {run.step})")
     click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g}")
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
@@ -297,8 +310,32 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
                f"FID / floor = {res['fid'] / res['fid_floor']:.1f})")
     click.echo(f"FID floor, n={res['n']:<5d} {res['fid_floor_same_n']:.3f}   (as many real training digits as "
                f"samples; FID / this = {res['fid'] / res['fid_floor_same_n']:.1f})")
+    for line in pixel_lines(res["pixels"]):
+        click.echo(line)
     atomic_write(json_path, lambda f: f.write(json.dumps(res, indent=2).encode()))
     click.echo(f"wrote {json_path}")
+    if picture_path is not None:
+        click.echo(f"wrote {picture_path}")
+
+
+def pixel_lines(pixels):
+    """`tinyuvit evaluate`'s lines for metrics.compare_pixels: generated beside real, then digit by digit."""
+    g, r = pixels["generated"], pixels["real"]
+    share = lambda key, label, note="": f"  {label:<15}{100 * g[key]:>8.2f}%{100 * r[key]:>9.2f}%" + note
+    digits = sorted(set(g["ink_per_digit"]) | set(r["ink_per_digit"]), key=int)
+    row = lambda label, values: f"  {label:<19}" + "".join(f"{values.get(d, float('nan')):>5.0f}" for d in digits)
+    return [f"pixels (0..255)  generated      real   ({r['n']} real MNIST training digits, as many of each digit)",
+            f"  {'ink':<15}{g['ink_mean']:>9.1f}{r['ink_mean']:>10.1f}   (sum of pixels / 255, the mean per digit)",
+            share("zero_share", "zero"),
+            share("faint_share", "faint 1..16", "   (grey haze)"),
+            share("saturated_share", "saturated 255"),
+            f"  {'histogram TV':<15}{pixels['histogram_tv']:>9.3f}"
+            "             (total variation distance: 0 = the same histogram, 1 = disjoint)",
+            f"  {'digit':<19}" + "".join(f"{d:>5}" for d in digits),
+            row("ink, generated", g["ink_per_digit"]),
+            row("ink, real", r["ink_per_digit"]),
+            row("spread, generated", g["ink_spread_per_digit"]) + "   (standard deviation of the ink)",
+            row("spread, real", r["ink_spread_per_digit"])]
 
 
 # ----------------------------------------------------------------------------------------

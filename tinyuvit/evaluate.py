@@ -1,5 +1,6 @@
 """Score a diffusion model: sample N digits of each class, then class accuracy and FID
-(tinyuvit.metrics, with tinyuvit's own MNIST classifier: no download needed)."""
+(tinyuvit.metrics, with tinyuvit's own MNIST classifier: no download needed), and the pixels
+of the samples beside as many real digits."""
 import numpy as np
 
 from .backend import to_numpy
@@ -37,13 +38,27 @@ def sample_digits(model, diffusion, per_digit, how=None, seed=0, batch_size=BATC
     return np.concatenate(out), labels
 
 
+def check_picture(path):
+    """The path (a str) where the pixel picture may be written, or ConfigError, before any work; None stays None."""
+    from .files import check_output_path
+    return None if path is None else check_output_path(path, suffixes=(".png",), what="picture (--picture)")
+
+
 def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None,
-                   reference=None, data_dir=None, progress=None):
-    """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, sampler, steps, guidance)."""
-    from .metrics import evaluate_images
+                   reference=None, data_dir=None, progress=None, picture=None):
+    """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels, sampler, steps, guidance);
+    `picture`: also draw the pixels of the samples beside real digits there (a PNG, images.plot_pixels)."""
+    from .images import from_model_range, plot_pixels
+    from .metrics import evaluate_images, real_digits
     how = how or SampleConfig()
     check_count("samples per digit (--per-digit)", per_digit, 2)   # a covariance needs several
+    picture = check_picture(picture)
     images, labels = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress)
-    res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir)
+    real = real_digits(labels, data_dir=data_dir)
+    res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir, real=real)
     res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance)
+    if picture is not None:
+        plot_pixels(picture, res["pixels"], from_model_range(images), labels, *real,
+                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, guidance {how.guidance:g}) "
+                          f"beside as many real digits")
     return res

@@ -23,12 +23,13 @@ the autograd column reads "skipped" and only finite differences decide.
 import sys
 import time
 from collections import namedtuple
+from dataclasses import replace
 
 import numpy as np
 
-from .layers import (GELU, MLP, Attention, Block, Conv3x3, LabelEmbedding, LayerNorm, Linear,
-                     Module, PatchEmbed, PosEmbed, Softmax, patchify, unpatchify)
-from .model import UViT, UViTConfig
+from .layers import (GELU, MLP, AdaLN, Attention, Block, Conv3x3, ConvPatchEmbed, LabelEmbedding, LayerNorm,
+                     Linear, Module, PatchEmbed, PosEmbed, SinCosPosEmbed, Softmax, patchify, unpatchify)
+from .model import UViT, UViTConfig, ablations
 
 try:  # test-only dependency
     import autograd
@@ -198,14 +199,24 @@ def _cases():
         ("Block out add", lambda g: Block(D, H, 2, g, skip="add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
         ("UViT depth 2", lambda g: UViT(small, seed=1), (x8, t2, y2), (0,), 32),
         ("UViT depth 4", lambda g: UViT(deep, seed=2), (x8, t2, y2), (0,), 24),
-    ]
+        # the ablation study's layers and its ten one-change variants of U-ViT
+        ("AdaLN", lambda g: AdaLN(D, g), (tok(2, 3, D), tok(2, D)), None, 128),
+        ("Conv3x3 stride 2", lambda g: Conv3x3(2, 3, g, stride=2), (tok(2, 2, 6, 4),), None, 256),
+        ("ConvPatchEmbed", lambda g: ConvPatchEmbed(4, 1, D, g), (tok(2, 1, 8, 8),), None, 128),
+        ("SinCosPosEmbed", lambda g: SinCosPosEmbed(2, 2, D), (tok(2, 6, D),), None, 256),
+        ("Block add_linear", lambda g: Block(D, H, 2, g, skip="add_linear"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        ("Block linear_add", lambda g: Block(D, H, 2, g, skip="linear_add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        ("Block adaln", lambda g: Block(D, H, 2, g, skip="concat", adaln=True),
+         (tok(2, 4, D), tok(2, 4, D), tok(2, D)), (0, 1), 64),
+    ] + [(f"UViT {name}", lambda g, o=overrides: UViT(replace(deep, **o), seed=3), (x8, t2, y2), (0,), 16)
+         for name, choice, overrides in ablations() if choice]
 
 
 def run_all(verbose=True):
     """Check every layer and the model. Returns (rows, ok): one Row per gradient tensor."""
     rows = []
     if verbose:
-        print(f"{'layer':<18} {'tensors':>7}  {'max rel err (FD)':>16}  "
+        print(f"{'layer':<24} {'tensors':>7}  {'max rel err (FD)':>16}  "
               f"{'max rel err (autograd)':>22}  pass/fail")
     for name, make, inputs, diff, cap in _cases():
         t0 = time.perf_counter()
@@ -239,7 +250,7 @@ def _fmt(v):
 
 
 def _print_row(r, seconds):
-    print(f"{r.layer:<18} {r.tensor.split()[0]:>7}  {r.fd:>16.2e}  {_fmt(r.ag):>22}  "
+    print(f"{r.layer:<24} {r.tensor.split()[0]:>7}  {r.fd:>16.2e}  {_fmt(r.ag):>22}  "
           f"{'pass' if r.ok else 'FAIL'}   ({seconds:.1f} s)")
 
 

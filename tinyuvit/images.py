@@ -82,3 +82,97 @@ def plot_curves(path, series, xlabel="step", title=None, logy=True):
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Pixels of generated digits beside real ones (tinyuvit evaluate --picture)
+# ----------------------------------------------------------------------------------------
+
+FAINT_RGB, SATURATED_RGB = (255, 140, 0), (0, 190, 255)   # marks: faint 1..16 orange, 255 cyan
+GENERATED_COLOR, REAL_COLOR = "tab:red", "black"
+
+
+def digit_tiles(images, labels, per_digit):
+    """The first `per_digit` images of each digit 0..9 -> uint8 [per_digit * 10, H, W], row r holding
+    the r-th image of every digit (grey tiles where a digit has fewer)."""
+    labels = np.asarray(labels)
+    tiles = np.full((per_digit, 10) + images.shape[1:], 96, np.uint8)   # the grid's grey
+    for d in range(10):
+        pick = np.flatnonzero(labels == d)[:per_digit]
+        tiles[:len(pick), d] = images[pick]
+    return tiles.reshape(-1, *images.shape[1:])
+
+
+def mark_pixels(picture):
+    """uint8 [H, W] -> RGB uint8 [H, W, 3] with faint pixels (1..16) orange and saturated ones (255) cyan."""
+    rgb = np.repeat(picture[..., None], 3, axis=-1)
+    rgb[(picture >= 1) & (picture <= 16)] = FAINT_RGB
+    rgb[picture == 255] = SATURATED_RGB
+    return rgb
+
+
+def _pixel_histogram(ax, pixels):
+    """Shares of pixels at each value 0..255, generated and real, on a log axis."""
+    for name, color in (("generated", GENERATED_COLOR), ("real", REAL_COLOR)):
+        p = pixels[name]
+        hist = np.asarray(p["histogram"], np.float64)
+        ax.step(np.arange(256), hist / hist.sum(), where="mid", color=color, lw=1.1,
+                label=f"{name}: 0 {p['zero_share']:.1%}, 1..16 {p['faint_share']:.1%}, "
+                      f"255 {p['saturated_share']:.2%}")
+    ax.axvspan(0.5, 16.5, color=np.array(FAINT_RGB) / 255, alpha=0.2, lw=0, label="faint 1..16")
+    ax.axvspan(254.5, 255.5, color=np.array(SATURATED_RGB) / 255, alpha=0.5, lw=0, label="saturated 255")
+    ax.set_yscale("log")
+    ax.set_xlim(-3, 259)
+    ax.set_xlabel("pixel value")
+    ax.set_ylabel("share of pixels")
+    ax.set_title(f"pixel histograms, total variation distance {pixels['histogram_tv']:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center")
+
+
+def _ink_bars(ax, pixels):
+    """Mean ink of each digit (sum of pixels / 255), generated beside real, with the spread as error bars."""
+    for k, (name, color) in enumerate((("generated", GENERATED_COLOR), ("real", REAL_COLOR))):
+        p = pixels[name]
+        digits = sorted(p["ink_per_digit"], key=int)
+        x = np.array([int(d) for d in digits]) + (k - 0.5) * 0.4
+        ax.bar(x, [p["ink_per_digit"][d] for d in digits], width=0.4, color=color, alpha=0.75,
+               yerr=[p["ink_spread_per_digit"][d] for d in digits], capsize=2, error_kw=dict(lw=0.8),
+               label=f"{name} (all digits: {p['ink_mean']:.1f})")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("digit")
+    ax.set_ylabel("ink (sum of pixels / 255)")
+    ax.set_title("ink per digit, mean and spread", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def plot_pixels(path, pixels, images, labels, real_images, real_labels, per_digit=2, scale=4, title=None):
+    """A PNG: the pixel histograms and the ink per digit of generated and real digits (`pixels`, a
+    metrics.compare_pixels dict), above `per_digit` samples of each digit beside as many real ones
+    (uint8 [N, 28, 28] with labels [N]), enlarged `scale` times with every pixel a square, as they are
+    and with faint and saturated pixels marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    crops = [(f"generated: the first {per_digit} of each digit", digit_tiles(images, labels, per_digit)),
+             ("real: MNIST training digits", digit_tiles(real_images, real_labels, per_digit))]
+    crops = [(what, grid(tiles, nrow=10, scale=scale)) for what, tiles in crops]
+    crops += [(f"{what.split(':')[0]}, marked: faint 1..16 orange, saturated 255 cyan", mark_pixels(pic))
+              for what, pic in crops]
+    dpi, margin, caption, plots = 100, 50, 26, 470            # pixels
+    width = crops[0][1].shape[1] + 2 * margin
+    height = 60 + plots + sum(caption + pic.shape[0] for _, pic in crops) + 20
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig.suptitle(title or "pixels of generated digits beside real ones", y=1 - 15 / height, fontsize=12)
+    bottom, top = 1 - (60 + plots - 50) / height, 1 - 70 / height
+    _pixel_histogram(fig.add_axes([margin / width + 0.04, bottom, 0.56, top - bottom]), pixels)
+    _ink_bars(fig.add_axes([0.70, bottom, 0.27, top - bottom]), pixels)
+    y = 60 + plots                                             # from the top
+    for what, pic in crops:
+        fig.text(margin / width, 1 - (y + caption - 6) / height, what, fontsize=11)
+        y += caption + pic.shape[0]
+        rgb = pic if pic.ndim == 3 else np.repeat(pic[..., None], 3, axis=-1)
+        fig.figimage(rgb, xo=margin, yo=height - y, origin="upper")   # 1:1, no resampling
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)

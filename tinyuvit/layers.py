@@ -192,13 +192,15 @@ class Linear(Module):
 # ----------------------------------------------------------------------------------------
 
 class LayerNorm(Module):
-    """y = (x - mean) / sqrt(var + eps) * g + b over the last axis. Init g = 1, b = 0."""
+    """y = (x - mean) / sqrt(var + eps) * g + b over the last axis. Init g = 1, b = 0.
+    `affine=False`: y = (x - mean) / sqrt(var + eps), no parameters (inside AdaLN)."""
 
-    def __init__(self, dim, eps=1e-5):
+    def __init__(self, dim, eps=1e-5, affine=True):
         super().__init__()
         self.eps = eps
-        self.params["g"] = np.ones(dim)
-        self.params["b"] = np.zeros(dim)
+        if affine:
+            self.params["g"] = np.ones(dim)
+            self.params["b"] = np.zeros(dim)
 
     def forward(self, x, *, train=True):  # [..., D] -> [..., D]
         xhat = x - x.mean(axis=-1, keepdims=True)                # x - mu, a new array
@@ -206,6 +208,8 @@ class LayerNorm(Module):
         rstd = 1.0 / xp_of(var).sqrt(var + self.eps)             # [..., 1]
         xhat *= rstd                                             # xhat = (x - mu) r, in place
         self.save(train, xhat=xhat, rstd=rstd)
+        if "g" not in self.params:
+            return xhat
         if train:
             y = xhat * self.params["g"]
         else:                                                    # xhat is not kept: reuse it
@@ -220,9 +224,12 @@ class LayerNorm(Module):
     def backward(self, dy):
         xhat, rstd = self.saved("xhat", "rstd")
         xp, D = xp_of(dy), dy.shape[-1]
-        self.grads["g"] = (dy * xhat).reshape(-1, D).sum(axis=0)
-        self.grads["b"] = dy.reshape(-1, D).sum(axis=0)
-        h = dy * self.params["g"]
+        if "g" in self.params:
+            self.grads["g"] = (dy * xhat).reshape(-1, D).sum(axis=0)
+            self.grads["b"] = dy.reshape(-1, D).sum(axis=0)
+            h = dy * self.params["g"]
+        else:
+            h = dy.copy()                                        # written in place below
         t = h * xhat
         m = t.mean(axis=-1, keepdims=True)                       # mean(h xhat)  [..., 1]
         dx = h
@@ -230,6 +237,42 @@ class LayerNorm(Module):
         dx -= xp.multiply(xhat, m, out=t)                        # reuses t: xhat mean(h xhat)
         dx *= rstd
         return dx
+
+
+# ----------------------------------------------------------------------------------------
+# Adaptive LayerNorm (the paper's ablation of how time enters): AdaLN(h, e) = y_s LN(h) + y_b
+# ----------------------------------------------------------------------------------------
+
+class AdaLN(Module):
+    """y = y_s * LN(x) + y_b, with [y_s, y_b] = e W + c linear in the time embedding e [B, D].
+
+    LN has no parameters of its own; the bias c starts at [1, 0], so AdaLN starts as a plain
+    LayerNorm and W ~ N(0, 0.02) lets the time move the scale and shift away from it.
+    """
+
+    def __init__(self, dim, rng):
+        super().__init__()
+        self.norm = LayerNorm(dim, affine=False)
+        self.emb = Linear(dim, 2 * dim, rng)                   # e -> [y_s | y_b]
+        self.emb.params["b"][:dim] = 1.0
+
+    def forward(self, x, e, *, train=True):  # x [B, L, D], e [B, D] -> [B, L, D]
+        D = x.shape[-1]
+        ys_yb = self.emb(e, train=train)[:, None, :]             # [B, 1, 2D]
+        ys, yb = ys_yb[..., :D], ys_yb[..., D:]                  # [B, 1, D] each
+        xhat = self.norm(x, train=train)                         # [B, L, D]
+        self.save(train, xhat=xhat, ys=ys)
+        return xhat * ys + yb
+
+    # y = y_s xhat + y_b, with y_s, y_b the same for every token of an image:
+    #   d y_s = sum over tokens of dy xhat,  d y_b = sum over tokens of dy,  d xhat = dy y_s.
+    # Returns (dx, de).
+    def backward(self, dy):
+        xhat, ys = self.saved("xhat", "ys")
+        xp = xp_of(dy)
+        dys_yb = xp.concatenate([(dy * xhat).sum(axis=1), dy.sum(axis=1)], axis=-1)  # [B, 2D]
+        de = self.emb.backward(dys_yb)                           # [B, D]
+        return self.norm.backward(dy * ys), de
 
 
 # ----------------------------------------------------------------------------------------
@@ -413,6 +456,45 @@ class PatchEmbed(Module):
         return unpatchify(self.proj.backward(dy), self.p, self.in_chans)
 
 
+def image_to_tokens(x):  # [B, C, h, w] -> [B, h*w, C]   (one token per pixel, row by row)
+    B, C, h, w = x.shape
+    return x.reshape(B, C, h * w).transpose((0, 2, 1))
+
+
+def tokens_to_image(x, h, w):  # [B, h*w, C] -> [B, C, h, w]   (the inverse)
+    B, N, C = x.shape
+    return x.transpose((0, 2, 1)).reshape(B, C, h, w)
+
+
+class ConvPatchEmbed(Module):
+    """The conv-stem ablation: log2(p) strided 3x3 convs, each halving the image (GELU after
+    each), then a 1x1 conv (a Linear on each pixel's channels) to D: the same token grid as
+    the linear patch embedding. Widths for p = 4: C -> D/4 -> D/2 -> D."""
+
+    def __init__(self, patch_size, in_chans, dim, rng):
+        super().__init__()
+        k = int(round(math.log2(patch_size)))
+        if patch_size < 2 or 2 ** k != patch_size:
+            raise ValueError(f"a conv patch embedding needs a patch size that is a power of 2, got {patch_size}")
+        widths = [in_chans] + [dim // 2 ** (k - i) for i in range(k)]
+        self.convs = [Conv3x3(a, b, rng, stride=2) for a, b in zip(widths, widths[1:])]
+        self.acts = [GELU() for _ in self.convs]
+        self.proj = Linear(widths[-1], dim, rng)                 # the 1x1 conv
+
+    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, N, D]
+        for conv, act in zip(self.convs, self.acts):
+            x = act(conv(x, train=train), train=train)           # [B, c, H/2, W/2] each time
+        self.save(train, grid=x.shape[2:])
+        return self.proj(image_to_tokens(x), train=train)        # [B, h*w, D]
+
+    def backward(self, dy):  # [B, N, D] -> [B, C, H, W]
+        h, w = self.saved("grid")
+        dx = tokens_to_image(self.proj.backward(dy), h, w)
+        for conv, act in zip(reversed(self.convs), reversed(self.acts)):
+            dx = conv.backward(act.backward(dx))
+        return dx
+
+
 # ----------------------------------------------------------------------------------------
 # The label token: a table with one extra row, the null label
 # ----------------------------------------------------------------------------------------
@@ -479,46 +561,98 @@ class PosEmbed(Module):
         return dy
 
 
+def sincos_2d(grid, dim):
+    """Fixed 2-D sinusoidal positions of a grid x grid of tokens, row-major: [grid*grid, dim].
+    The first half of the dims encodes the row, the second the column, each as
+    [sin(pos w_i), cos(pos w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4 (dim divisible by 4)."""
+    if dim % 4:
+        raise ValueError(f"2-D sinusoidal positions need a width divisible by 4, got {dim}")
+    w = 10000.0 ** (-np.arange(dim // 4) / (dim // 4))                  # [dim/4]
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    enc = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * w), np.cos(pos.reshape(-1, 1) * w)], axis=1)
+    return np.concatenate([enc(rows), enc(cols)], axis=1)               # [grid^2, dim]
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_table(extras, grid, dim, dtype, xp):
+    """[1, extras + grid^2, dim] on array module xp: zeros for the extras, then sincos_2d."""
+    table = np.concatenate([np.zeros((extras, dim)), sincos_2d(grid, dim)])[None]
+    return xp.asarray(table, dtype=dtype)
+
+
+class SinCosPosEmbed(Module):
+    """Fixed 2-D sinusoidal positions (the ablation of learned 1-D ones), added to the patch
+    tokens; the `extras` tokens before them (label, time) get none. No parameters."""
+
+    def __init__(self, extras, grid, dim):
+        super().__init__()
+        self.extras, self.grid, self.dim = extras, grid, dim
+
+    def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, D]
+        return x + _sincos_table(self.extras, self.grid, self.dim, np.dtype(x.dtype), xp_of(x))
+
+    def backward(self, dy):
+        return dy
+
+
 # ========================================================================================
 # The transformer block, pre-norm, with U-ViT's optional long-skip input
 # ========================================================================================
 
 class Block(Module):
-    """x <- Linear(concat(x, skip)) (out-blocks only); x <- x + attn(LN(x)); x <- x + mlp(LN(x)).
+    """The long skip (out-blocks only), then x <- x + attn(LN(x)); x <- x + mlp(LN(x)).
 
-    `skip` picks the long-skip form of an out-block: "concat" (U-ViT), "add", or None (in-blocks,
-    the mid-block, and out-blocks without long skips: the `skip` input is then ignored).
+    `skip` picks the long-skip form of an out-block, with h_m = x the main branch and h_s = skip:
+    "concat" (U-ViT): Linear(concat(h_m, h_s)); "add": h_m + h_s; "add_linear": h_m + Linear(h_s);
+    "linear_add": Linear(h_m + h_s); None (in-blocks, the mid-block, out-blocks without long
+    skips: the `skip` input is then ignored). `adaln=True` replaces both LayerNorms by AdaLN of
+    the time embedding `e` (the time-as-AdaLN ablation; no time token then).
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio, rng, skip=None):
+    SKIPS = (None, "concat", "add", "add_linear", "linear_add")
+
+    def __init__(self, dim, num_heads, mlp_ratio, rng, skip=None, adaln=False):
         super().__init__()
-        if skip not in (None, "concat", "add"):
-            raise ValueError(f"skip must be None, 'concat' or 'add', got {skip!r}")
-        self.skip = skip
-        self.skip_linear = Linear(2 * dim, dim, rng) if skip == "concat" else None
-        self.norm1 = LayerNorm(dim)
+        if skip not in self.SKIPS:
+            raise ValueError(f"skip must be one of {self.SKIPS}, got {skip!r}")
+        self.skip, self.adaln = skip, adaln
+        skip_in = {"concat": 2 * dim, "add_linear": dim, "linear_add": dim}.get(skip)
+        self.skip_linear = Linear(skip_in, dim, rng) if skip_in else None
+        self.norm1 = AdaLN(dim, rng) if adaln else LayerNorm(dim)
         self.attn = Attention(dim, num_heads, rng)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = AdaLN(dim, rng) if adaln else LayerNorm(dim)
         self.mlp = MLP(dim, dim * mlp_ratio, rng)
 
-    def forward(self, x, skip=None, *, train=True):  # [B, L, D] (+ skip [B, L, D]) -> [B, L, D]
-        if self.skip == "concat":  # U-ViT's choice: Linear(concat(x, skip)) replaces x
+    def forward(self, x, skip=None, e=None, *, train=True):  # [B, L, D] (+ skip [B, L, D], e [B, D]) -> [B, L, D]
+        if self.skip == "concat":        # U-ViT's choice: Linear(concat(x, skip)) replaces x
             x = self.skip_linear(xp_of(x, skip).concatenate([x, skip], axis=-1), train=train)  # [B, L, 2D] -> [B, L, D]
-        elif self.skip == "add":   # the paper's weakest ablation: x + skip
+        elif self.skip == "add":         # the paper's weakest: x + skip
             x = x + skip
-        x = x + self.attn(self.norm1(x, train=train), train=train)
-        x = x + self.mlp(self.norm2(x, train=train), train=train)
+        elif self.skip == "add_linear":  # x + Linear(skip)
+            x = x + self.skip_linear(skip, train=train)
+        elif self.skip == "linear_add":  # Linear(x + skip)
+            x = self.skip_linear(x + skip, train=train)
+        norm = (lambda n, h: n(h, e, train=train)) if self.adaln else (lambda n, h: n(h, train=train))
+        x = x + self.attn(norm(self.norm1, x), train=train)
+        x = x + self.mlp(norm(self.norm2, x), train=train)
         return x
 
     # Each residual x + f(LN(x)) passes dy straight through and adds f's path back in.
-    # Returns dx, or (dx, dskip) for an out-block with a long skip.
+    # Returns dx, or (dx, dskip) for an out-block with a long skip. (With AdaLN the gradient
+    # reaching the time embedding is dropped: the sinusoid has no parameters.)
     def backward(self, dy):
-        dy = dy + self.norm2.backward(self.mlp.backward(dy))
-        dy = dy + self.norm1.backward(self.attn.backward(dy))
+        dnorm = (lambda n, d: n.backward(d)[0]) if self.adaln else (lambda n, d: n.backward(d))
+        dy = dy + dnorm(self.norm2, self.mlp.backward(dy))
+        dy = dy + dnorm(self.norm1, self.attn.backward(dy))
         if self.skip is None:
             return dy
         if self.skip == "add":
             return dy, dy
+        if self.skip == "add_linear":
+            return dy, self.skip_linear.backward(dy)
+        if self.skip == "linear_add":
+            d = self.skip_linear.backward(dy)
+            return d, d
         dcat = self.skip_linear.backward(dy)                   # [B, L, 2D]
         D = dcat.shape[-1] // 2
         return dcat[..., :D], dcat[..., D:]
@@ -536,43 +670,53 @@ def unpatchify(x, p, C):  # [B, N, p*p*C] -> [B, C, H, W]   (the inverse of patc
 
 
 class Conv3x3(Module):
-    """out[b, o] = sum_{c,i,j} W[o, c, i, j] xpad[b, c, y+i, x+j] + bias[o] (cross-correlation).
+    """out[b, o, y, x] = sum_{c,i,j} W[o, c, i, j] xpad[b, c, s y + i, s x + j] + bias[o]
+    (cross-correlation, padding 1, stride s; s = 1 keeps the size, s = 2 halves an even one).
 
     Init as PyTorch's default for conv layers: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     """
 
-    def __init__(self, c_in, c_out, rng):
+    def __init__(self, c_in, c_out, rng, stride=1):
         super().__init__()
+        self.stride = stride
         bound = 1.0 / math.sqrt(c_in * 9)
         self.params["W"] = rng.uniform(-bound, bound, (c_out, c_in, 3, 3))
         self.params["b"] = rng.uniform(-bound, bound, (c_out,))
 
-    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, C_out, H, W]
+    def _taps(self, H, W):
+        """The 9 windows of the padded input, as slices: output pixel (y, x) reads xpad at
+        (s y + i, s x + j) for tap (i, j)."""
+        s = self.stride
+        Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+        return Ho, Wo, [(slice(i, i + s * (Ho - 1) + 1, s), slice(j, j + s * (Wo - 1) + 1, s))
+                        for i in range(3) for j in range(3)]
+
+    def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, C_out, H/s, W/s]
         xp = xp_of(x, self.params["W"])
         B, C, H, W = x.shape
+        Ho, Wo, taps = self._taps(H, W)
         xpad = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="constant")  # [B, C, H+2, W+2]
-        # im2col: the 9 shifted views, stacked: [B, C, 9, H, W] -> [B, C*9, H*W]
-        cols = xp.stack([xpad[:, :, i:i + H, j:j + W] for i in range(3) for j in range(3)], axis=2)
-        cols = cols.reshape(B, C * 9, H * W)
-        self.save(train, cols=cols)
+        # im2col: the 9 shifted views, stacked: [B, C, 9, Ho, Wo] -> [B, C*9, Ho*Wo]
+        cols = xp.stack([xpad[:, :, r, c] for r, c in taps], axis=2)
+        cols = cols.reshape(B, C * 9, Ho * Wo)
+        self.save(train, cols=cols, shape=(H, W))
         Wm = self.params["W"].reshape(self.params["W"].shape[0], C * 9)  # [C_out, C*9]
-        out = Wm @ cols + self.params["b"][:, None]                # [B, C_out, H*W]
-        return out.reshape(B, -1, H, W)
+        out = Wm @ cols + self.params["b"][:, None]                # [B, C_out, Ho*Wo]
+        return out.reshape(B, -1, Ho, Wo)
 
     # out = Wm cols + b is a Linear on the columns: dWm = sum_b dout cols^T, db = sum dout,
-    # dcols = Wm^T dout; each column entry is a shifted copy of x, so dx adds the 9 shifts back.
-    def backward(self, dy):  # [B, C_out, H, W] -> [B, C, H, W]
-        cols = self.saved("cols")
+    # dcols = Wm^T dout; each column entry is a shifted copy of x, so dx adds the 9 taps back.
+    def backward(self, dy):  # [B, C_out, Ho, Wo] -> [B, C, H, W]
+        cols, (H, W) = self.saved("cols", "shape")
         xp = xp_of(dy)
         Wfull = self.params["W"]
-        B, _, H, W = dy.shape
+        B, _, Ho, Wo = dy.shape
         C = Wfull.shape[1]
-        dy2 = dy.reshape(B, Wfull.shape[0], H * W)                 # [B, C_out, H*W]
+        dy2 = dy.reshape(B, Wfull.shape[0], Ho * Wo)               # [B, C_out, Ho*Wo]
         self.grads["W"] = (dy2 @ cols.transpose(0, 2, 1)).sum(axis=0).reshape(Wfull.shape)
         self.grads["b"] = dy2.sum(axis=(0, 2))
-        dcols = (Wfull.reshape(Wfull.shape[0], C * 9).T @ dy2).reshape(B, C, 9, H, W)
+        dcols = (Wfull.reshape(Wfull.shape[0], C * 9).T @ dy2).reshape(B, C, 9, Ho, Wo)
         dxpad = xp.zeros((B, C, H + 2, W + 2), dtype=dy.dtype)
-        for n in range(9):
-            i, j = divmod(n, 3)
-            dxpad[:, :, i:i + H, j:j + W] += dcols[:, :, n]
+        for n, (r, c) in enumerate(self._taps(H, W)[2]):
+            dxpad[:, :, r, c] += dcols[:, :, n]
         return dxpad[:, :, 1:-1, 1:-1]

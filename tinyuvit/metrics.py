@@ -8,6 +8,15 @@
   of papers: only with other numbers from this module. The "floor" is the FID of 10,000 real
   training digits against the same reference: what a perfect generator would score with as
   many samples. FID is biased upwards for few samples; compare runs at equal n.
+- pixels: what the classifier cannot see, on uint8 pixels 0..255 (the rounding of the sample
+  PNGs), of the samples beside as many real training digits of each class (a fixed draw):
+  the ink of a digit (sum of its pixels / 255, so a digit with 100 white pixels has ink 100;
+  real MNIST digits average about 100), its mean and spread (standard deviation) digit by digit;
+  the share of pixels that are saturated (exactly 255), faint (1..16: grey haze where real digits
+  have black) and exactly 0; and the 256-bin pixel histograms with their total variation distance
+  (half the L1 distance of the normalised histograms): the share of all pixels whose values would
+  have to change to make the two histograms equal, 0 for the same histogram, 1 when no value is
+  shared.
 """
 import hashlib
 import json
@@ -202,22 +211,109 @@ def reference_stats(model=None, data_dir=None, cache=True, floor_n=10000, batch_
     return stats
 
 
+# ----------------------------------------------------------------------------------------
+# Pixels: ink, saturation, haze and the pixel histogram, against real digits
+# ----------------------------------------------------------------------------------------
+
+FAINT = (1, 16)       # pixel values counted as faint: grey haze that real digits leave black
+SATURATED = 255       # the brightest value a uint8 pixel can take
+
+
+def _as_pixels(images):
+    """uint8 [N, 28, 28]: uint8 images as they are, model-range floats rounded as the sample PNGs are."""
+    from .images import from_model_range
+    images = to_numpy(images)
+    if images.dtype == np.uint8:
+        return images.reshape(-1, *images.shape[-2:])
+    return from_model_range(images)
+
+
+def pixel_stats(images_uint8, labels=None):
+    """Pixel measures of uint8 images [N, H, W] (0..255), with `labels` [N] (or None) for the
+    digit-by-digit ink -> a plain dict (floats, lists; JSON as it is):
+
+    n, ink_mean (sum of pixels / 255 per image, averaged), ink_per_digit and ink_spread_per_digit
+    ({"3": mean, ...} and {"3": standard deviation (ddof 0), ...} over each digit's images; empty without
+    labels), zero_share, faint_share, saturated_share (shares of all pixels that are 0, 1..16 and
+    255), histogram (256 counts: how many pixels take each value 0..255).
+    """
+    x = np.asarray(images_uint8)
+    if x.dtype != np.uint8 or x.ndim < 2:
+        raise ValueError(f"expected uint8 images [N, H, W], got {x.dtype} {x.shape}")
+    x = x.reshape(len(x), -1)                                          # [N, H W]
+    if not x.size:
+        raise ValueError(f"need at least one image with pixels, got shape {np.shape(images_uint8)}")
+    ink = x.sum(axis=1, dtype=np.int64) / 255.0                        # [N]
+    hist = np.bincount(x.ravel(), minlength=256)                       # [256]
+    share = lambda lo, hi: float(hist[lo:hi + 1].sum() / x.size)
+    per_digit, spread = {}, {}
+    if labels is not None:
+        labels = np.asarray(to_numpy(labels))
+        if labels.shape != (len(x),):
+            raise ValueError(f"{len(x)} images but labels of shape {labels.shape}")
+        for d in np.unique(labels):
+            per_digit[str(d)] = float(ink[labels == d].mean())
+            spread[str(d)] = float(ink[labels == d].std())
+    return dict(n=int(len(x)), ink_mean=float(ink.mean()), ink_per_digit=per_digit, ink_spread_per_digit=spread,
+                zero_share=share(0, 0), faint_share=share(*FAINT), saturated_share=share(SATURATED, SATURATED),
+                histogram=[int(c) for c in hist])
+
+
+def histogram_distance(hist_a, hist_b):
+    """Total variation distance of two histograms (counts, any totals): half the L1 distance of
+    the normalised histograms, in [0, 1]. The share of pixels whose values would have to change
+    to turn one into the other: 0 for the same shape, 1 when no bin holds pixels of both."""
+    a, b = np.asarray(hist_a, np.float64), np.asarray(hist_b, np.float64)
+    if a.shape != b.shape or a.sum() <= 0 or b.sum() <= 0:
+        raise ValueError(f"need two non-empty histograms of one shape, got {a.shape} and {b.shape}")
+    return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+
+
+def real_digits(labels, data_dir=None, seed=0, download=True, quiet=False):
+    """As many real MNIST training digits of each class as `labels` [N] holds, a fixed draw for a
+    given seed -> (uint8 [N, 28, 28], their labels [N], digit by digit). Without replacement,
+    unless a digit has fewer training images than asked for (the embedded subset)."""
+    from .data import load_mnist
+    train_u8, train_labels, _ = load_mnist("train", data_dir=data_dir, download=download, quiet=quiet)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for d, count in zip(*np.unique(np.asarray(to_numpy(labels)), return_counts=True)):
+        pool = np.flatnonzero(train_labels == d)
+        if not len(pool):
+            raise ValueError(f"no training digits labelled {d!r}")
+        picks.append(np.sort(rng.choice(pool, size=count, replace=count > len(pool))))
+    pick = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    return train_u8[pick], train_labels[pick]
+
+
+def compare_pixels(images, labels, real_images, real_labels):
+    """dict(generated, real, histogram_tv): `pixel_stats` of generated images (uint8 [N, 28, 28], or
+    model-range floats, rounded as the sample PNGs are) and of real ones, and the total variation
+    distance of their pixel histograms (`histogram_distance`)."""
+    gen, real = pixel_stats(_as_pixels(images), labels), pixel_stats(_as_pixels(real_images), real_labels)
+    return dict(generated=gen, real=real, histogram_tv=histogram_distance(gen["histogram"], real["histogram"]))
+
+
 def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_size=500,
-                    cache=True, download=True, reference=None, floor_n=10000):
+                    cache=True, download=True, reference=None, floor_n=10000, real=None):
     """Score generated images [N, 1, 28, 28] in [-1, 1] that were asked to show `requested_labels` [N].
 
-    Returns dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n): the class accuracy
+    Returns dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels): the class accuracy
     overall and for each requested digit ({"3": 0.95, ...}), fid against the MNIST test set, and the
     floor that `floor_n` real training digits score (both with this package's classifier).
     FID falls with the number of samples (real digits: about 3.8 at n = 1,000, 0.4 at 10,000,
     against a floor of 0.29), so compare at equal n, or pass floor_n=len(images).
     `reference`: a `reference_stats` result to reuse (default: computed, or read from the cache).
+    pixels: `compare_pixels` of the images and `real` = (uint8 images, labels) (default:
+    `real_digits(requested_labels)`, as many training digits of each class as were asked for).
     """
     model = model or load_classifier()
+    pixels = _as_pixels(images)
     images = _as_images(images)
     requested = np.asarray(to_numpy(requested_labels))
     if len(images) != len(requested):
         raise ValueError(f"{len(images)} images but {len(requested)} labels")
+    real = real if real is not None else real_digits(requested, data_dir=data_dir, download=download)
     feats, logits = _forward_batches(model, images, batch_size)
     ref = reference or reference_stats(model, data_dir=data_dir, cache=cache, floor_n=floor_n,
                                        batch_size=batch_size, download=download)
@@ -226,4 +322,5 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     return dict(class_accuracy=float(right.mean()),
                 per_digit_accuracy={str(d): float(right[requested == d].mean()) for d in np.unique(requested)},
                 fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-                fid_floor=float(ref["fid_floor"]), n=int(len(images)))
+                fid_floor=float(ref["fid_floor"]), n=int(len(images)),
+                pixels=compare_pixels(pixels, requested, *real))

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .backend import xp_of
-from .layers import (Block, Conv3x3, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
-                     PosEmbed, patchify, timestep_embedding, unpatchify)
+from .layers import (Block, Conv3x3, ConvPatchEmbed, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
+                     PosEmbed, SinCosPosEmbed, image_to_tokens, patchify, timestep_embedding, tokens_to_image,
+                     unpatchify)
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,6 +100,12 @@ class UViTConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        p = self.patch_size
+        if self.patch_embed == "conv" and (p < 2 or p & (p - 1)):
+            raise ValueError(f"patch_embed 'conv' halves the image log2(patch_size) times: patch_size must be "
+                             f"a power of 2 (2, 4, ...), got {p}")
+        if self.pos_embed == "sincos2d" and self.dim % 4:
+            raise ValueError(f"pos_embed 'sincos2d' needs dim divisible by 4, got {self.dim}")
 
     @property
     def num_patches(self):
@@ -143,25 +150,29 @@ class UViT(Module):
     """The network's prediction for a noisy image: [B, C, H, W], [B], [B] -> [B, C, H, W].
 
     What it predicts is the training's choice (diffusion.py): v = sqrt(abar) eps - sqrt(1 - abar) x0
-    by default, or the noise eps as in U-ViT.
+    by default, or the noise eps as in U-ViT. The config's ablation choices (CHOICES) pick the
+    branches marked "ablation" below; U-ViT's own choices are the unmarked path.
     """
-
-    extras = 2  # the label token and the time token come before the patches
 
     def __init__(self, cfg: UViTConfig, seed=0):
         super().__init__()
         self.cfg = cfg
         rng = np.random.default_rng(seed)
         D, p, C = cfg.dim, cfg.patch_size, cfg.in_chans
-        make_block = lambda skip=None: Block(D, cfg.num_heads, cfg.mlp_ratio, rng, skip=skip)
-        self.patch_embed = PatchEmbed(p, C, D, rng)
+        adaln = cfg.time_cond == "adaln"
+        self.extras = 1 if adaln else 2     # the label token (and the time token) come before the patches
+        make_block = lambda skip=None: Block(D, cfg.num_heads, cfg.mlp_ratio, rng, skip=skip, adaln=adaln)
+        self.patch_embed = (ConvPatchEmbed if cfg.patch_embed == "conv" else PatchEmbed)(p, C, D, rng)
         self.label_embed = LabelEmbedding(cfg.num_classes, D, rng)
-        self.pos_embed = PosEmbed(self.extras + cfg.num_patches, D, rng) if cfg.pos_embed == "learned" else None
+        self.pos_embed = {"learned": lambda: PosEmbed(self.extras + cfg.num_patches, D, rng),
+                          "sincos2d": lambda: SinCosPosEmbed(self.extras, cfg.img_size // p, D),
+                          "none": lambda: None}[cfg.pos_embed]()
         self.in_blocks = [make_block() for _ in range(cfg.depth // 2)]
         self.mid_block = make_block()
         out_skip = None if cfg.skip == "none" else cfg.skip
         self.out_blocks = [make_block(out_skip) for _ in range(cfg.depth // 2)]
         self.norm = LayerNorm(D)
+        self.conv_before = Conv3x3(D, D, rng) if cfg.conv == "before" else None
         self.decoder_pred = Linear(D, p * p * C, rng)
         self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
 
@@ -185,22 +196,34 @@ class UViT(Module):
     def forward(self, x, t, y, *, train=True):
         """The figure, bottom to top. `train=False` (sampling) keeps nothing for backward."""
         self.check_inputs(x, t, y)
-        cfg = self.cfg
+        cfg, xp = self.cfg, xp_of(x)
         patches = self.patch_embed(x, train=train)                         # [B, N, D]
-        time = timestep_embedding(t, cfg.dim, self.dtype)[:, None, :]      # [B, 1, D]
+        time = timestep_embedding(t, cfg.dim, self.dtype)                  # [B, D]
         label = self.label_embed(y, train=train)[:, None, :]               # [B, 1, D]
-        h = xp_of(label, time, patches).concatenate([label, time, patches], axis=1)  # [B, 2+N, D]
+        if cfg.time_cond == "token":
+            h = xp_of(label, patches).concatenate([label, time[:, None, :], patches], axis=1)  # [B, 2+N, D]
+            e = None
+        else:                       # ablation: no time token; every block's LayerNorms get the time
+            h = xp_of(label, patches).concatenate([label, patches], axis=1)   # [B, 1+N, D]
+            e = time
         if self.pos_embed is not None:
             h = self.pos_embed(h, train=train)
         skips = []
         for blk in self.in_blocks:
-            h = blk(h, train=train)
+            h = blk(h, e=e, train=train)
             skips.append(h)
-        h = self.mid_block(h, train=train)
+        h = self.mid_block(h, e=e, train=train)
         for blk in self.out_blocks:                                        # last in, first out
-            h = blk(h, skips.pop(), train=train)
-        h = self.decoder_pred(self.norm(h, train=train), train=train)     # [B, 2+N, p*p*C]
-        h = h[:, self.extras:]                                             # [B, N, p*p*C]
+            h = blk(h, skips.pop(), e=e, train=train)
+        h = self.norm(h, train=train)
+        if self.conv_before is not None:  # ablation: the 3x3 conv on the patch tokens as an image
+            g = cfg.img_size // cfg.patch_size
+            h = tokens_to_image(h[:, self.extras:], g, g)                  # [B, D, h, w]
+            h = image_to_tokens(self.conv_before(h, train=train))          # [B, N, D]
+            h = self.decoder_pred(h, train=train)                          # [B, N, p*p*C]
+        else:
+            h = self.decoder_pred(h, train=train)                          # [B, extras+N, p*p*C]
+            h = h[:, self.extras:]                                         # [B, N, p*p*C]
         img = unpatchify(h, cfg.patch_size, cfg.in_chans)                  # [B, C, H, W]
         if self.final_layer is not None:
             img = self.final_layer(img, train=train)
@@ -212,9 +235,14 @@ class UViT(Module):
         xp = xp_of(dout)
         dimg = self.final_layer.backward(dout) if self.final_layer is not None else dout
         dh = patchify(dimg, cfg.patch_size)                                # [B, N, p*p*C]
-        B, N, P = dh.shape
-        dh = xp.concatenate([xp.zeros((B, self.extras, P), dtype=dh.dtype), dh], axis=1)
-        dh = self.norm.backward(self.decoder_pred.backward(dh))            # [B, 2+N, D]
+        pad = lambda d: xp.concatenate([xp.zeros((d.shape[0], self.extras, d.shape[2]), dtype=d.dtype), d], axis=1)
+        if self.conv_before is not None:
+            g = cfg.img_size // cfg.patch_size
+            dh = tokens_to_image(self.decoder_pred.backward(dh), g, g)     # [B, D, h, w]
+            dh = pad(image_to_tokens(self.conv_before.backward(dh)))       # [B, extras+N, D]
+        else:
+            dh = self.decoder_pred.backward(pad(dh))                       # [B, extras+N, D]
+        dh = self.norm.backward(dh)
         # The out-blocks popped the in-blocks' outputs last in, first out; walking the
         # out-blocks backwards therefore meets the skips of in_blocks[0], [1], ... in order.
         dskips = []

@@ -446,7 +446,7 @@ class _Evaluator:
 
     def __init__(self, cfg, run, backend, data_dir):
         from .metrics import load_classifier, reference_stats
-        self.cfg, self.run = cfg, run
+        self.cfg, self.run, self.data_dir = cfg, run, data_dir
         self.path, self.plot = os.path.join(run.path, "evals.jsonl"), os.path.join(run.path, "eval.png")
         self.classifier = load_classifier(backend=backend)
         self.reference = reference_stats(self.classifier, data_dir=data_dir)
@@ -456,7 +456,7 @@ class _Evaluator:
         from .evaluate import evaluate_model
         c = self.cfg
         res = evaluate_model(model, diffusion, c.eval_per_digit, c.sample_config(), classifier=self.classifier,
-                             reference=self.reference)
+                             reference=self.reference, data_dir=self.data_dir)
         self.rows.append(dict(step=step, **res))
         atomic_write(self.path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.rows))
         steps = [r["step"] for r in self.rows]
