@@ -597,7 +597,7 @@ def plot_scores(path, budget, entries):
     import matplotlib.pyplot as plt
     choices = _choices(entries)
     colors = {c: f"C{i}" for i, c in enumerate(choices)}
-    xs, labels, bars, x = [], [], [], 0.0
+    xs, labels, bars, groups, x = [], [], [], [], 0.0
     seeds = _uvit_seeds(entries)
     if seeds:
         xs.append(x)
@@ -605,12 +605,14 @@ def plot_scores(path, budget, entries):
         bars.append(None)
         x += 1.5
     for c in choices:
+        first = x
         for e in entries:
             if e.run.choice == c:
                 xs.append(x)
-                labels.append(f"{c}=\n{e.run.value}")
+                labels.append(e.run.value)
                 bars.append(e)
                 x += 1
+        groups.append((c, (first + x - 1) / 2))
         x += 0.5
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.85 * len(xs) + 2), 8), dpi=110, sharex=True)
     n = 10 * budget.final_per_digit
@@ -641,6 +643,10 @@ def plot_scores(path, budget, entries):
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(xs)
     axes[1].set_xticklabels(labels, fontsize=8)
+    for c, center in groups:       # the choice's name under its group of bars
+        axes[1].annotate(c, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -30),
+                         textcoords="offset points", ha="center", va="top", fontsize=9, fontweight="bold",
+                         color=colors[c])
     fig.suptitle(f"U-ViT ablation on MNIST: {budget.describe()}", fontsize=11)
     handles, names = axes[0].get_legend_handles_labels()
     if handles:        # one legend for both panels, under the title
@@ -715,7 +721,7 @@ def plot_loss(path, budget, entries):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(f"training loss, running mean of {SMOOTH} steps ({budget.describe()})", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     _save(fig, path)
 
 
@@ -751,14 +757,14 @@ def plot_learning(path, budget, entries):
                 plain_log_ticks(ax)
             ax.set_title(f"{c or 'U-ViT'}: {what}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+        row[0].legend(fontsize=7)            # the FID panel beside it has the same lines
         row[0].set_ylabel("%")
     for ax in axes[-1]:
         ax.set_xlabel("step")
     n = 10 * budget.eval_per_digit
     fig.suptitle(f"during training: EMA samples, n = {n:,} per point (FID is higher at smaller n: compare "
                  "curves with each other, not with the final table)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))   # room for the title
     _save(fig, path)
 
 
