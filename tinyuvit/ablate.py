@@ -251,6 +251,9 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
         try:
             everything = _open_study(out_dir, budget, runs)
             score = _Scorer(budget, device, data_dir)
+            name = budget_name(budget)
+            log(f"ablation study{f' ({name} budget)' if name else ''}: {len(runs)} runs of {budget.describe()} "
+                f"on {device} -> {out_dir}")
             for i, run in enumerate(runs, 1):
                 where = f"[{i}/{len(runs)}] {run.label if run.variant == 'uvit' else run.variant}"
                 if _run_one(run, budget, os.path.join(out_dir, run.folder), where, score, device=device,

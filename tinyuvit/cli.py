@@ -488,7 +488,7 @@ def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads
         import signal
         sys.exit(128 + int(getattr(signal, out["stopped"])))
     with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as f:
-        table = [line for line in f.read().splitlines() if line.startswith("|")]
+        table = [line.replace("\\*", "*") for line in f.read().splitlines() if line.startswith("|")]
     click.echo("\n".join(table))
     click.echo(f"\nwrote {', '.join(os.path.basename(p) for p in out['files'])} in {out_dir}")
 
