@@ -149,6 +149,9 @@ def test_another_budget_in_the_same_folder_is_one_line_naming_the_fields(tmp_pat
     (tmp_path / "study.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match=r"run with lr 0.001 .*; asked for lr 0.002"):
         study(tmp_path)
+    (tmp_path / "study.json").write_text('{"budget": {"steps": 4')        # a hand edit gone wrong
+    with pytest.raises(ConfigError, match="study.json is not readable JSON"):
+        study(tmp_path)
 
 
 def test_only_picks_choices_aliases_and_variants_and_refuses_others_in_one_line():

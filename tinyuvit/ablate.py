@@ -250,7 +250,7 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
         everything, run = None, None
         try:
             everything = _open_study(out_dir, budget, runs)
-            score = _Scorer(budget, device, data_dir)
+            score = _Scorer(budget, device, data_dir, progress)
             name = budget_name(budget)
             log(f"ablation study{f' ({name} budget)' if name else ''}: {len(runs)} runs of {budget.describe()} "
                 f"on {device} -> {out_dir}")
@@ -328,7 +328,7 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
             out = train(budget.train_config(run.seed, dict(run.overrides)), folder, resume=os.path.exists(ckpt),
                         log=quiet_resume, **train_args)
         except DivergedError as e:
-            log(f"{where}: diverged: {e}")
+            log(f"{where}: diverged: {e}; recorded as diverged, the study goes on (delete {folder} to retry it)")
             params = count_params(budget.preset, {**budget.model, **dict(run.overrides)}, run.value)
             _write_result(result_path, _result(run, folder, status="diverged", message=str(e), params=params))
             return True
@@ -374,20 +374,23 @@ class _Scorer:
     noise, class accuracy and FID. The classifier is loaded once for the whole study (the
     reference statistics are cached on disk by tinyuvit.metrics)."""
 
-    def __init__(self, budget, device, data_dir):
-        self.budget, self.device, self.data_dir, self.classifier = budget, device, data_dir, None
+    def __init__(self, budget, device, data_dir, progress=True):
+        self.budget, self.device, self.data_dir, self.progress = budget, device, data_dir, progress
+        self.classifier = None
 
     def __call__(self, folder):
         from .api import load
         from .backend import Backend
         from .metrics import load_classifier
+        from .progress import Progress
         b = self.budget
         if self.classifier is None:
             self.classifier = load_classifier(backend=Backend(self.device, "float32"))
         run = load(folder, self.device)
         t0 = time.perf_counter()
-        res = run.evaluate(b.final_per_digit, b.sample_config(), seed=b.score_seed, classifier=self.classifier,
-                           data_dir=self.data_dir)
+        with Progress(10 * b.final_per_digit, "scoring", unit="img", disable=not self.progress) as bar:
+            res = run.evaluate(b.final_per_digit, b.sample_config(), seed=b.score_seed, classifier=self.classifier,
+                               data_dir=self.data_dir, progress=bar)
         return dict(params=run.model.num_params(), class_accuracy=res["class_accuracy"],
                     per_digit_accuracy=res["per_digit_accuracy"], fid=res["fid"], fid_floor=res["fid_floor"],
                     fid_floor_same_n=res["fid_floor_same_n"], n=res["n"], sampler=res["sampler"],
@@ -424,11 +427,14 @@ def _stop_at_once():
 
 
 def _read_json(path):
+    """The JSON in `path`, None if there is no such file; ConfigError if it is not JSON."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}); delete it to redo what it records") from None
 
 
 def _results(out_dir, runs):
