@@ -99,8 +99,8 @@ class Budget:
         return f"{self.preset}{f' ({model})' if model else ''}, {self.steps:,} steps of {self.batch_size} images"
 
 
-# Every number of a study in one table. quick: the whole study on a 2-core CPU in about an
-# hour (13 runs); default: meant for a GPU.
+# Every number of a study in one table. quick: a 2-core CPU, about 4.7 min a run and an hour for
+# the 13 runs when the machine is otherwise idle (measured); default: meant for a GPU.
 BUDGETS = {
     "quick": Budget(preset="tiny", model=dict(dim=64), steps=2500, batch_size=64, seeds=(0, 1, 2),
                     eval_every=625, eval_per_digit=20, final_per_digit=100),
@@ -594,6 +594,11 @@ def _choices(entries):
     return [c for c in CHOICES if c in have]
 
 
+def _variants(entries, choice):
+    """The variants of `choice` (U-ViT, whose choice is None too, is not one of them)."""
+    return [e for e in entries if e.run.variant != "uvit" and e.run.choice == choice]
+
+
 def _save(fig, path):
     import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
@@ -652,6 +657,7 @@ def plot_scores(path, budget, entries):
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(xs)
     axes[1].set_xticklabels(labels, fontsize=8)
+    axes[1].set_xlim(min(xs) - 1, max(xs) + 1)
     for c, center in groups:       # the choice's name under its group of bars
         axes[1].annotate(c, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -30),
                          textcoords="offset points", ha="center", va="top", fontsize=9, fontweight="bold",
@@ -719,7 +725,7 @@ def plot_loss(path, budget, entries):
     for ax, c in zip(axes, choices):
         _reference_lines(ax, entries, curve)
         tails = [curve(e)[1] for e in entries if (e.run.variant == "uvit" or e.run.choice == c) and e.rows]
-        for i, e in enumerate(e for e in entries if e.run.choice == c and e.rows):
+        for i, e in enumerate(e for e in _variants(entries, c) if e.rows):
             xs, ys = curve(e)
             ax.plot(xs, ys, color=f"C{i}", lw=1.2, label=e.run.variant + ("" if e.ok else " (diverged)"))
         ax.set_yscale("log")
@@ -729,8 +735,8 @@ def plot_loss(path, budget, entries):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"training loss, running mean of {SMOOTH} steps ({budget.describe()})", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.suptitle(f"training loss, running mean of {SMOOTH} steps\n{budget.describe()}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     _save(fig, path)
 
 
@@ -757,7 +763,7 @@ def plot_learning(path, budget, entries):
     for row, c in zip(axes, choices):
         for ax, key, what in ((row[0], "class_accuracy", "class accuracy (%)"), (row[1], "fid", "FID")):
             _reference_lines(ax, entries, series(key), marker="o", ms=3)
-            for i, e in enumerate(e for e in entries if e.run.choice == c and e.evals):
+            for i, e in enumerate(e for e in _variants(entries, c) if e.evals):
                 xs, ys = series(key)(e)
                 ax.plot(xs, ys, color=f"C{i}", lw=1.2, marker="o", ms=3,
                         label=e.run.variant + ("" if e.ok else " (diverged)"))
