@@ -246,6 +246,7 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
     os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
     with RunLock(out_dir), _stop_at_once():
         everything, run = None, None
         try:
@@ -267,7 +268,7 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
                 "command again")
             return dict(stopped=stop.name, results=_results(out_dir, everything or []),
                         files=report_files(out_dir))
-    log(f"done: {len(runs)} runs in {out_dir}")
+    log(f"done: {len(runs)} runs in {out_dir} ({(time.perf_counter() - t0) / 60:.1f} min this time)")
     return dict(stopped=None, results=_results(out_dir, everything), files=report_files(out_dir))
 
 
