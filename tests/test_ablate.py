@@ -7,17 +7,17 @@ import signal
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import tinyuvit.ablate as ablate
 import tinyuvit.train as train_mod
 from tinyuvit.ablate import BUDGETS, Budget, count_params, list_variants, parse_only, plan_runs, run_study
-from tinyuvit.cli import main
 from tinyuvit.diffusion import Diffusion
 from tinyuvit.errors import ConfigError, TrainingError
 from tinyuvit.files import RunLock
 from tinyuvit.model import ablations
+
+from test_run_safety import cli, one_line   # the CLI runner and the one-line-error check
 
 # A study in seconds: a 2-block model of width 16, 4 steps of 4 images, two U-ViT seeds, one
 # point of the learning curves (at the end).
@@ -43,16 +43,6 @@ def digits():
 def study(out, budget=TEST, only="uvit", lines=None, **kw):
     log = (lines.append if lines is not None else lambda m: None)
     return run_study(out, budget, only=only, progress=False, log=log, **digits(), **kw)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(r):
-    lines = r.output.strip().splitlines()
-    return r.exit_code == 1 and "Traceback" not in r.output and lines[-1].startswith("Error: ") and \
-        sum(line.startswith("Error") for line in lines) == 1
 
 
 def test_a_study_writes_its_report_records_a_divergence_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
