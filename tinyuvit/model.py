@@ -196,15 +196,16 @@ class UViT(Module):
     def forward(self, x, t, y, *, train=True):
         """The figure, bottom to top. `train=False` (sampling) keeps nothing for backward."""
         self.check_inputs(x, t, y)
-        cfg, xp = self.cfg, xp_of(x)
+        cfg = self.cfg
         patches = self.patch_embed(x, train=train)                         # [B, N, D]
         time = timestep_embedding(t, cfg.dim, self.dtype)                  # [B, D]
         label = self.label_embed(y, train=train)[:, None, :]               # [B, 1, D]
+        xp = xp_of(label, patches)
         if cfg.time_cond == "token":
-            h = xp_of(label, patches).concatenate([label, time[:, None, :], patches], axis=1)  # [B, 2+N, D]
+            h = xp.concatenate([label, time[:, None, :], patches], axis=1)  # [B, 2+N, D]
             e = None
         else:                       # ablation: no time token; every block's LayerNorms get the time
-            h = xp_of(label, patches).concatenate([label, patches], axis=1)   # [B, 1+N, D]
+            h = xp.concatenate([label, patches], axis=1)                    # [B, 1+N, D]
             e = time
         if self.pos_embed is not None:
             h = self.pos_embed(h, train=train)
