@@ -156,12 +156,48 @@ def test_guidance_convention():
     np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 2.0, 10)[:, 0, 0, 0], [-17, -14])
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """The scale is s where lo <= t/(T-1) <= hi and 0 elsewhere; (0, 1) guides every step, and
+    an interval that no sampler step falls in samples as guidance 0 does."""
+    how = SampleConfig(guidance=2.0, guidance_interval=(0.2, 0.6))
+    assert [how.guidance_at(t, 11) for t in range(11)] == [0, 0, 2, 2, 2, 2, 2, 0, 0, 0, 0]
+    assert all(SampleConfig(guidance=2.0).guidance_at(t, 1000) == 2.0 for t in (0, 500, 999))
+
+    class Guided:   # eps_c = 0.5 x, eps_u = 0.5 x + 0.1: guidance shifts the prediction
+        class cfg:
+            in_chans, img_size, num_classes = 1, 2, 3
+        dtype = np.float64
+
+        def forward(self, x, t, y, train=True):
+            return 0.5 * x + 0.1 * (y == 3)[:, None, None, None]
+
+    seen = []
+    model = Guided()
+    forward = model.forward
+    model.forward = lambda x, t, y, train=True: (seen.append(len(x)), forward(x, t, y))[1]
+    d, y = Diffusion(prediction="eps"), np.array([0, 1])
+    draw = lambda **kw: d.sample(model, y, np.random.default_rng(0), SampleConfig(steps=10, **kw))
+    none, every = draw(guidance=0.0), draw(guidance=2.0)
+    ts = d.schedule.timesteps(10, "logsnr")
+    assert not np.allclose(none, every)
+    np.testing.assert_array_equal(draw(guidance=2.0, guidance_interval=(0.0, 1.0)), every)
+    gap = (ts[3] + 1, ts[2] - 1)                        # between two sampler steps: none inside
+    seen.clear()
+    np.testing.assert_array_equal(draw(guidance=2.0, guidance_interval=(gap[0] / 999, gap[1] / 999)), none)
+    assert seen == [len(y)] * len(ts)                   # one forward per step, without the null-label half
+    inside = draw(guidance=2.0, guidance_interval=(ts[5] / 999, ts[2] / 999))
+    assert not np.allclose(inside, none) and not np.allclose(inside, every)
+
+
 def test_unknown_sampler_and_bad_settings_are_refused_naming_the_option():
     oracle = GaussianOracle(Schedule(), 0.0, 1.0)
     with pytest.raises(ConfigError, match="--sampler"):
         _draw(oracle, "euler", 10)
     for bad, option in [(dict(steps=0), "--steps"), (dict(guidance=float("nan")), "--guidance"),
-                        (dict(guidance=-1.0), "--guidance"), (dict(eta=2.0), "--eta"), (dict(steps=2.5), "--steps")]:
+                        (dict(guidance=-1.0), "--guidance"), (dict(eta=2.0), "--eta"), (dict(steps=2.5), "--steps"),
+                        (dict(guidance_interval=(0.7, 0.1)), "--guidance-interval"),
+                        (dict(guidance_interval=(0.1, 1.5)), "--guidance-interval"),
+                        (dict(guidance_interval=(0.1,)), "--guidance-interval")]:
         with pytest.raises(ConfigError, match=option):
             SampleConfig(**bad)
     with pytest.raises(ConfigError, match="--steps"):

@@ -232,11 +232,35 @@ def test_bad_input(change, message):
     (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
     (dict(skip="mul"), "skip must be one of ('concat', 'add', 'add_linear', 'linear_add', 'none'), got 'mul'"),
     (dict(patch_size=1, patch_embed="conv"), "patch_size must be a power of 2 (2, 4, ...), got 1"),
-    (dict(dim=18, num_heads=2, pos_embed="sincos2d"), "pos_embed 'sincos2d' needs dim divisible by 4, got 18"),
+    (dict(dim=18, num_heads=2, pos_embed="sincos2d"), "2-D sinusoidal positions need dim divisible by 4, got 18"),
+    (dict(dim=18, num_heads=2, pos_init="sincos2d"), "2-D sinusoidal positions need dim divisible by 4, got 18"),
+    (dict(pos_init="zeros"), "pos_init must be one of ('normal', 'sincos2d'), got 'zeros'"),
+    (dict(pos_embed="none", pos_init="sincos2d"), "pos_init 'sincos2d' initialises learned positions"),
+    (dict(conv="none", conv_init="identity"), "conv_init 'identity' initialises the final conv"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         cfg(**change)
+
+
+def test_init_choices_change_only_their_layer():
+    """pos_init and conv_init overwrite U-ViT's init of one layer each: every other parameter is
+    the same, the patch rows of the positions are the 2-D table, the final conv passes its
+    input through, and a config saved before these fields existed still loads."""
+    from tinyuvit.layers import sincos_2d
+    from tinyuvit.model import INITS
+    plain = UViT(cfg()).state_dict()
+    new = UViT(cfg(pos_init="sincos2d", conv_init="identity"))
+    changed = [k for k, v in new.state_dict().items() if not np.array_equal(v, plain[k])]
+    assert sorted(changed) == ["final_layer.W", "final_layer.b", "pos_embed.pos"]
+    pos = new.pos_embed.params["pos"]                                   # [1, 2 + 16, 16]
+    np.testing.assert_array_equal(pos[0, :2], plain["pos_embed.pos"][0, :2])
+    np.testing.assert_allclose(pos[0, 2:], sincos_2d(4, 16))
+    img = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    np.testing.assert_allclose(new.final_layer(img), img, atol=1e-15)
+    old = {k: v for k, v in cfg().to_dict().items() if k not in INITS}
+    assert UViTConfig.from_dict(old) == cfg()
+    assert INITS["pos_init"][0] == UViTConfig.pos_init and INITS["conv_init"][0] == UViTConfig.conv_init
 
 
 def test_unknown_preset():

@@ -91,6 +91,22 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
     assert r.exit_code == 1 and "no checkpoint" in r.output
 
 
+def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
+    """A checkpoint whose model config lacks fields added later (pos_init, conv_init) resumes
+    with their defaults, which are what loading it builds."""
+    from tinyuvit.model import INITS
+    a = tmp_path / "a"
+    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, *FAST).exit_code == 0
+    ck = dict(np.load(a / "checkpoint.npz"))
+    config = json.loads(str(ck["config"]))
+    config["model"] = {k: v for k, v in config["model"].items() if k not in INITS}
+    ck["config"] = np.array(json.dumps(config))
+    np.savez(a / "checkpoint.npz", **ck)
+    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(a)["step"] == 3
+
+
 def test_bad_options_and_checkpoints_give_one_line(tmp_path):
     for args, words in [(["--steps", 0], "--steps"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
                         (["--batch-size", 0], "--batch-size"), (["--seed", -1], "--seed"),

@@ -85,6 +85,25 @@ def sampler_options(steps_flag="--steps", what=None):
     return decorate
 
 
+class _Interval(click.ParamType):
+    """LO,HI: two numbers, as --guidance-interval takes them. Anything else is passed on as
+    it is, for SampleConfig to refuse in one line like every other sampling setting."""
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        try:
+            return tuple(float(v) for v in value.split(",")) if isinstance(value, str) else value
+        except ValueError:
+            return value
+
+
+def guidance_interval_option(fn):
+    lo, hi = SampleConfig.guidance_interval
+    return click.option("--guidance-interval", type=_Interval(), default=f"{lo:g},{hi:g}", show_default=True,
+                        help="Guide only the sampler steps whose t/T lies in [LO, HI] (0 = clean, 1 = pure "
+                             "noise); the other steps use the conditional model alone and cost half.")(fn)
+
+
 def _set_threads(threads):
     from .backend import set_cpu_threads
     set_cpu_threads(threads)
@@ -189,6 +208,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--digits", default="all", show_default=True, help="Which digits: 'all' or e.g. 3,7.")
 @click.option("--count", type=int, default=10, show_default=True, help="Images per digit (one row each).")
 @sampler_options()
+@guidance_interval_option
 @click.option("--eta", type=float, default=SampleConfig.eta, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
@@ -199,7 +219,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device, weights, out_path, gif, quiet,
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, eta, seed, device, weights, out_path, gif, quiet,
                threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
     from .api import load
@@ -207,7 +227,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, eta, seed, device,
     from .files import check_output_path
     from .images import from_model_range, save_gif, save_grid
     from .progress import Progress
-    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta, guidance_interval=guidance_interval)
     digits = _parse_digits(digits)     # checked here too, before the progress bar is drawn
     check_count("count (--count)", count, 1)
     check_count("seed (--seed)", seed, 0)
@@ -252,6 +272,7 @@ def one_row_per_digit(images, count):
 @click.option("--per-digit", type=int, default=None,
               help="Samples per digit. [default: 300 on cpu (3,000 in all), 1000 on gpu (10,000)]")
 @sampler_options()
+@guidance_interval_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--batch-size", type=int, default=250, show_default=True,
@@ -267,7 +288,7 @@ def one_row_per_digit(images, count):
                    "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_size, classifier, data_dir,
+def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, seed, device, batch_size, classifier, data_dir,
                  json_path, picture_path, quiet, threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
     and their pixels beside real digits.
@@ -287,7 +308,7 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, seed, device, batch_
     from .evaluate import PER_DIGIT, check_count
     from .files import atomic_write, check_output_path
     from .progress import Progress
-    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, guidance_interval=guidance_interval)
     per_digit = check_count("samples per digit (--per-digit)", PER_DIGIT[device] if per_digit is None else per_digit, 2)
     check_count("batch size (--batch-size)", batch_size, 1)
     check_count("seed (--seed)", seed, 0)

@@ -46,7 +46,8 @@ def check_picture(path):
 
 def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None,
                    reference=None, data_dir=None, progress=None, picture=None):
-    """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels, sampler, steps, guidance);
+    """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels, sampler, steps, guidance,
+    guidance_interval);
     `picture`: also draw the pixels of the samples beside real digits there (a PNG, images.plot_pixels)."""
     from .images import from_model_range, plot_pixels
     from .metrics import evaluate_images, real_digits
@@ -56,7 +57,7 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
     images, labels = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress)
     real = real_digits(labels, data_dir=data_dir)
     res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir, real=real)
-    res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance)
+    res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance, guidance_interval=list(how.guidance_interval))
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), labels, *real,
                     title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, guidance {how.guidance:g}) "

@@ -27,7 +27,7 @@ import numpy as np
 
 from .backend import xp_of
 from .layers import (Block, Conv3x3, ConvPatchEmbed, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
-                     PosEmbed, SinCosPosEmbed, image_to_tokens, patchify, timestep_embedding, tokens_to_image,
+                     PosEmbed, SinCosPosEmbed, image_to_tokens, patchify, sincos_2d, timestep_embedding, tokens_to_image,
                      unpatchify)
 
 
@@ -50,6 +50,17 @@ CHOICES = {
     "patch_embed": ("linear", "conv"),
     # positions: learned 1-D | fixed 2-D sinusoidal | none
     "pos_embed": ("learned", "sincos2d", "none"),
+}
+
+# How two layers start, U-ViT's way first. Not architecture (the network and its parameter
+# count stay U-ViT's), so not part of the ablation study above; the training recipe picks them.
+INITS = {
+    # learned positions: N(0, 0.02) as U-ViT | the patch tokens' rows start at the fixed 2-D
+    # sinusoidal table (`sincos_2d`), so the grid's layout is known from step 0 and still learned
+    "pos_init": ("normal", "sincos2d"),
+    # the final 3x3 conv: PyTorch's uniform init as U-ViT | the identity (centre tap 1, the
+    # other taps and the bias 0), so the decoder's image passes through unchanged at step 0
+    "conv_init": ("uniform", "identity"),
 }
 
 
@@ -93,19 +104,25 @@ class UViTConfig:
     conv: str = "after"
     patch_embed: str = "linear"
     pos_embed: str = "learned"
+    pos_init: str = "normal"
+    conv_init: str = "uniform"
 
     def __post_init__(self):
         check_sizes(self, ("img_size", "in_chans", "patch_size", "dim", "num_heads", "mlp_ratio",
                            "num_classes", "depth"))
-        for name, allowed in CHOICES.items():
+        for name, allowed in {**CHOICES, **INITS}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         p = self.patch_size
         if self.patch_embed == "conv" and (p < 2 or p & (p - 1)):
             raise ValueError(f"patch_embed 'conv' halves the image log2(patch_size) times: patch_size must be "
                              f"a power of 2 (2, 4, ...), got {p}")
-        if self.pos_embed == "sincos2d" and self.dim % 4:
-            raise ValueError(f"pos_embed 'sincos2d' needs dim divisible by 4, got {self.dim}")
+        if "sincos2d" in (self.pos_embed, self.pos_init) and self.dim % 4:
+            raise ValueError(f"2-D sinusoidal positions need dim divisible by 4, got {self.dim}")
+        if self.pos_init != "normal" and self.pos_embed != "learned":
+            raise ValueError(f"pos_init {self.pos_init!r} initialises learned positions; pos_embed is {self.pos_embed!r}")
+        if self.conv_init != "uniform" and self.conv != "after":
+            raise ValueError(f"conv_init {self.conv_init!r} initialises the final conv (conv 'after'); conv is {self.conv!r}")
 
     @property
     def num_patches(self):
@@ -175,6 +192,18 @@ class UViT(Module):
         self.conv_before = Conv3x3(D, D, rng) if cfg.conv == "before" else None
         self.decoder_pred = Linear(D, p * p * C, rng)
         self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
+        self._init_choices()
+
+    def _init_choices(self):
+        """INITS: overwrite the U-ViT init after every layer has drawn its own (so the other
+        parameters are the same whichever init is chosen)."""
+        cfg = self.cfg
+        if cfg.pos_init == "sincos2d":       # [1, extras + N, D]: the patch rows from the table
+            self.pos_embed.params["pos"][0, self.extras:] = sincos_2d(cfg.img_size // cfg.patch_size, cfg.dim)
+        if cfg.conv_init == "identity":
+            W, b = self.final_layer.params["W"], self.final_layer.params["b"]   # [C, C, 3, 3], [C]
+            W[...], b[...] = 0.0, 0.0
+            W[:, :, 1, 1] = np.eye(cfg.in_chans)
 
     def check_inputs(self, x, t, y):
         """Refuse wrong shapes and labels before any computation, naming what was expected."""

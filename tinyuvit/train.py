@@ -147,6 +147,15 @@ class TrainConfig:
         return d
 
 
+def saved_with_defaults(saved):
+    """A saved run config with the model fields added since it was saved at their defaults
+    (which is what loading it builds), so that resuming compares like with like."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = UViTConfig.from_dict(saved["model"]).to_dict()
+    return saved
+
+
 def make_model(model_cfg: dict, backend: Backend, seed=0):
     return UViT(UViTConfig.from_dict(model_cfg), seed=seed).to(backend)
 
@@ -286,7 +295,7 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
         run.write_config(run_cfg)
         return model, flat, opt, ema, 0
     ck = load_checkpoint(run.checkpoint, need=("params", "ema", "opt"))
-    saved = dict(ck["config"])
+    saved = saved_with_defaults(ck["config"])
     diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE + ("data",))
     if diffs:
         named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in diffs)
