@@ -61,7 +61,8 @@ class VelocityOracle(GaussianOracle):
 def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
     labels = np.zeros(n, dtype=np.int64)
     how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip)
-    return Diffusion(prediction=prediction).sample(oracle, labels, np.random.default_rng(seed), how)
+    d = Diffusion(prediction=prediction, noise_schedule=oracle.schedule.kind)
+    return d.sample(oracle, labels, np.random.default_rng(seed), how)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
@@ -117,9 +118,31 @@ def test_loss_targets_and_weights(prediction, weighting):
         assert math.isclose(loss, np.minimum(1.0, 5.0 / (snr + 1)).mean(), rel_tol=1e-9)
 
 
+def test_cosine_schedule():
+    """abar follows cos^2((t/T + s)/(1 + s) pi/2) / cos^2(s/(1 + s) pi/2) (paper steps t = 1..T)
+    until a beta reaches its cap 0.999; the logsnr spacing starts at pure noise and spreads the
+    rest from lambda = -5.5, so a linear-schedule run samples as it did."""
+    s = Schedule(kind="cosine")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in (1, 100, 500, 900, 990):
+        assert math.isclose(s.alphas_cumprod[t - 1], f(t) / f(0), rel_tol=1e-9)
+    assert s.betas.max() == 0.999 and np.all(np.diff(s.alphas_cumprod) < 0) and s.alphas_cumprod[-1] > 0
+    lam = 0.5 * np.log(s.alphas_cumprod / (1 - s.alphas_cumprod))
+    ts = s.timesteps(20, "logsnr")
+    assert ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+    assert abs(lam[ts[1]] - (-5.5 + (lam[0] + 5.5) / 19)) < 0.1     # evenly spaced from -5.5 on
+    linear = Schedule()
+    assert linear.kind == "linear" and 0.5 * np.log(linear.alphas_cumprod[-1] / (1 - linear.alphas_cumprod[-1])) > -5.5
+    with pytest.raises(ConfigError, match="--noise-schedule"):
+        Diffusion(noise_schedule="quadratic")
+    d = Diffusion(noise_schedule="cosine")
+    assert Diffusion.from_dict(d.to_dict()) == d and Diffusion.from_dict({}).noise_schedule == "linear"
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("sampler,steps", [("ddim", 250), ("dpm++", 20), ("ddpm", None)])
-def test_samplers_reproduce_a_gaussian_data_distribution(sampler, steps):
-    oracle = GaussianOracle(Schedule(), mu=0.3, s=0.2)
+def test_samplers_reproduce_a_gaussian_data_distribution(sampler, steps, kind):
+    oracle = GaussianOracle(Schedule(kind=kind), mu=0.3, s=0.2)
     x = _draw(oracle, sampler, steps or 1000, n=2000)
     assert abs(x.mean() - 0.3) < 0.01 and abs(x.std() - 0.2) < 0.01
 

@@ -34,12 +34,24 @@ from .errors import ConfigError
 
 
 class Schedule:
-    """The linear beta schedule, computed once in float64 NumPy."""
+    """The noise schedule, computed once in float64 NumPy: "linear" betas from 1e-4 to 0.02
+    (DDPM, U-ViT), or "cosine" (Nichol & Dhariwal 2021: abar follows cos^2 of the time, with
+    s = 0.008 and each beta capped at 0.999), which destroys the image more slowly early on and
+    spends fewer steps where x_t is already nearly pure noise."""
 
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
-        self.T = T
-        self.betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)    # [T]
-        self.alphas_cumprod = np.cumprod(1.0 - self.betas)                     # [T]  abar_t
+    KINDS = ("linear", "cosine")
+    LAMBDA_MIN = -5.5   # the noisiest log-SNR that "logsnr" spacing spreads its steps from
+
+    def __init__(self, T=1000, kind="linear", beta_start=1e-4, beta_end=0.02):
+        self.T, self.kind = T, kind
+        if kind == "linear":
+            self.betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)        # [T]
+        elif kind == "cosine":
+            f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * math.pi / 2) ** 2     # [T+1] abar ~ f/f(0)
+            self.betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)                         # [T]
+        else:
+            raise ConfigError(f"noise schedule (--noise-schedule) must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)                             # [T]  abar_t
         assert self.betas.shape == self.alphas_cumprod.shape == (T,)
         assert np.all(np.diff(self.alphas_cumprod) < 0) and 0 < self.alphas_cumprod[-1] < 1
 
@@ -68,8 +80,11 @@ class Schedule:
             ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
         else:
             lam = 0.5 * np.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))     # decreasing in t
-            targets = np.linspace(lam[-1], lam[0], steps)
+            # below lambda = -5.5 (SNR 2e-5) x_t holds nothing of the image: the cosine schedule
+            # goes down to -10 there, and even spacing would spend a third of the steps on it
+            targets = np.linspace(max(lam[-1], self.LAMBDA_MIN), lam[0], steps)
             ts = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.int64)
+            ts[0] = self.T - 1                         # every sampler starts from pure noise
             ts = np.unique(ts)[::-1]                   # nearest timesteps, duplicates merged
             if len(ts) < steps:                        # refill with the largest gaps' midpoints
                 ts = self._fill(ts, steps)
@@ -145,6 +160,7 @@ class Diffusion:
     prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, or the noise eps (U-ViT)
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
     snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
+    noise_schedule: str = "linear" # abar_t: "linear" betas (DDPM, U-ViT) or "cosine" (`Schedule`)
 
     def __post_init__(self):
         if not isinstance(self.T, (int, np.integer)) or isinstance(self.T, bool) or self.T < 2:
@@ -155,7 +171,7 @@ class Diffusion:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not _finite(self.snr_gamma) or self.snr_gamma < 0:
             raise ConfigError(f"snr_gamma (--snr-gamma) must be a finite number >= 0, got {self.snr_gamma!r}")
-        object.__setattr__(self, "schedule", Schedule(int(self.T)))
+        object.__setattr__(self, "schedule", Schedule(int(self.T), self.noise_schedule))
 
     def to_dict(self):
         return asdict(self)

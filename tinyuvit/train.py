@@ -65,6 +65,7 @@ class TrainConfig:
     prediction: str = Diffusion.prediction
     weighting: str = Diffusion.weighting
     snr_gamma: float = Diffusion.snr_gamma
+    noise_schedule: str = Diffusion.noise_schedule
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = Diffusion.T
     seed: int = 0
@@ -135,7 +136,8 @@ class TrainConfig:
         return get_config(self.preset, **self.model_overrides)
 
     def diffusion(self) -> Diffusion:
-        return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma)
+        return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma,
+                         noise_schedule=self.noise_schedule)
 
     def sample_config(self) -> SampleConfig:
         """How the run's sample grids are drawn."""
