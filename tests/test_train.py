@@ -91,6 +91,19 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
     assert r.exit_code == 1 and "no checkpoint" in r.output
 
 
+def test_noise_schedule_reaches_the_run_and_its_samples(tmp_path):
+    """--noise-schedule cosine is trained with, saved, and used again when the run is loaded."""
+    import tinyuvit
+    a = tmp_path / "a"
+    r = run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, "--noise-schedule", "cosine", *FAST)
+    assert r.exit_code == 0, r.output
+    loaded = tinyuvit.load(a)
+    assert loaded.config["noise_schedule"] == "cosine" and loaded.diffusion.schedule.kind == "cosine"
+    assert loaded.sample(digits=[1], count=2, steps=3).shape == (2, 28, 28)
+    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
+    assert r.exit_code == 1 and "noise_schedule (checkpoint 'cosine', now 'linear')" in r.output
+
+
 def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
     """A checkpoint whose model config lacks fields added later (pos_init, conv_init) resumes
     with their defaults, which are what loading it builds."""
