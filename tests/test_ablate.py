@@ -208,3 +208,18 @@ def test_training_time_adds_the_segments_of_a_resumed_run():
 def test_help_has_an_example():
     r = cli("ablate", "--help")
     assert r.exit_code == 0 and "Examples:" in r.output and "--only skip,time" in r.output and "--quick" in r.output
+
+
+def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():
+    """A study.json written before noise_schedule, pos_init and conv_init existed resumes: its
+    runs trained as those fields' FIELDS_ADDED values say, which is what the study still asks for
+    (U-ViT's own init, whatever train-mnist's default); a changed field is still refused."""
+    from tinyuvit.model import INITS
+    budget = BUDGETS["quick"]
+    recipe = ablate._recipe(budget)
+    assert recipe["pos_init"] == "normal" and budget.sample_config().guidance_interval == (0.0, 1.0)
+    old = {k: v for k, v in recipe.items() if k not in train_mod.FIELDS_ADDED}
+    old["model"] = {k: v for k, v in recipe["model"].items() if k not in INITS}
+    ablate._check_same("study", train_mod.saved_with_defaults(old), recipe)
+    with pytest.raises(ConfigError, match="lr"):
+        ablate._check_same("study", train_mod.saved_with_defaults(dict(old, lr=1.0)), recipe)

@@ -105,17 +105,21 @@ def test_noise_schedule_reaches_the_run_and_its_samples(tmp_path):
 
 
 def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
-    """A checkpoint whose model config lacks fields added later (pos_init, conv_init) resumes
-    with their defaults, which are what loading it builds."""
+    """A checkpoint saved before noise_schedule, pos_init and conv_init existed is compared as it
+    was trained (FIELDS_ADDED: linear, normal, uniform): it resumes with those, and only those."""
     from tinyuvit.model import INITS
     a = tmp_path / "a"
-    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, *FAST).exit_code == 0
+    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, "--pos-init", "normal", *FAST).exit_code == 0
     ck = dict(np.load(a / "checkpoint.npz"))
     config = json.loads(str(ck["config"]))
     config["model"] = {k: v for k, v in config["model"].items() if k not in INITS}
+    for name in train_mod.FIELDS_ADDED:
+        config.pop(name)
     ck["config"] = np.array(json.dumps(config))
     np.savez(a / "checkpoint.npz", **ck)
     r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
+    assert r.exit_code == 1 and "pos_init (checkpoint 'normal', now 'sincos2d')" in r.output   # as it was trained
+    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, "--pos-init", "normal", *FAST)
     assert r.exit_code == 0, r.output
     assert load_checkpoint(a)["step"] == 3
 

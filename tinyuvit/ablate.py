@@ -40,7 +40,7 @@ from .errors import ConfigError, DivergedError
 from .evaluate import check_count
 from .files import RunLock, atomic_write
 from .model import CHOICES, UViT, ablations, get_config
-from .train import StopSignals, TrainConfig, _read_jsonl, train
+from .train import StopSignals, TrainConfig, _read_jsonl, saved_with_defaults, train
 
 # ----------------------------------------------------------------------------------------
 # Budgets: how much every run of a study gets
@@ -67,12 +67,15 @@ class Budget:
     def train_config(self, seed=0, overrides=None):
         """The TrainConfig of one run: this budget, the seed, the variant's model overrides."""
         return TrainConfig(preset=self.preset, steps=self.steps, batch_size=self.batch_size, seed=seed,
+                           pos_init="normal", conv_init="uniform",      # U-ViT's own init, as the paper's study
                            model_overrides={**self.model, **(overrides or {})}, sample_every=0,
                            eval_every=self.eval_every, eval_per_digit=self.eval_per_digit,
                            sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance)
 
     def sample_config(self):
-        return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance)
+        """Guided at every step, whatever SampleConfig's default interval: studies stay comparable."""
+        return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance,
+                            guidance_interval=(0.0, 1.0))
 
     def validate(self):
         """ConfigError naming the first invalid field."""
@@ -281,7 +284,8 @@ def _open_study(out_dir, budget, runs):
     if saved is not None:
         _check_same(out_dir, saved.get("budget", {}), asked)
         if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
-            _check_same(out_dir, saved["recipe"], recipe, hint=" (training defaults that changed since)")
+            _check_same(out_dir, saved_with_defaults(saved["recipe"]), recipe,
+                        hint=" (training defaults that changed since)")
     before = {r["folder"] for r in (saved or {}).get("runs", [])}
     wanted = {r.folder for r in runs} | before
     everything = [r for r in plan_runs(budget) if r.folder in wanted]

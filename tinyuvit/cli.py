@@ -13,7 +13,7 @@ import click
 
 from .diffusion import PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
 from .errors import TinyUViTError
-from .model import PRESETS
+from .model import INITS, PRESETS
 from .train import GPU_DEFAULTS, TrainConfig
 
 # OS errors that are the machine's state, not a bug: shown in one line like the project's own.
@@ -149,6 +149,11 @@ T = TrainConfig   # the defaults below are TrainConfig's
               help="The cap gamma of --weighting (0 = the plain MSE of what the network predicts).")
 @click.option("--noise-schedule", type=click.Choice(Schedule.KINDS), default=T.noise_schedule, show_default=True,
               help="abar_t over the T steps: linear betas (DDPM, U-ViT) or cosine (Nichol & Dhariwal).")
+@click.option("--pos-init", type=click.Choice(INITS["pos_init"]), default=T.pos_init, show_default=True,
+              help="How the learned positions start: the 2-D sinusoidal table of the patch grid, or "
+                   "N(0, 0.02) as U-ViT.")
+@click.option("--conv-init", type=click.Choice(INITS["conv_init"]), default=T.conv_init, show_default=True,
+              help="How the final 3x3 conv starts: PyTorch's uniform init as U-ViT, or the identity.")
 @click.option("--p-uncond", type=float, default=T.p_uncond, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
 @device_option
@@ -172,7 +177,7 @@ T = TrainConfig   # the defaults below are TrainConfig's
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                ema_warmup, prediction, weighting, snr_gamma, noise_schedule, p_uncond, device, dtype, seed, out_dir, resume,
+                ema_warmup, prediction, weighting, snr_gamma, noise_schedule, pos_init, conv_init, p_uncond, device, dtype, seed, out_dir, resume,
                 data_dir, sample_every, save_every, sampler, sample_steps, guidance, eval_every, eval_per_digit,
                 quiet, threads):
     """Train a class-conditional U-ViT on MNIST with DDPM (v or eps prediction).
@@ -187,7 +192,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
         device, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
         prediction=prediction, weighting=weighting, snr_gamma=snr_gamma, noise_schedule=noise_schedule,
-        p_uncond=p_uncond, dtype=dtype, seed=seed,
+        pos_init=pos_init, conv_init=conv_init, p_uncond=p_uncond, dtype=dtype, seed=seed,
         sample_every=sample_every, save_every=save_every, sampler=sampler, sample_steps=sample_steps,
         guidance=guidance, eval_every=eval_every, eval_per_digit=eval_per_digit)
     cfg.validate()

@@ -66,6 +66,8 @@ class TrainConfig:
     weighting: str = Diffusion.weighting
     snr_gamma: float = Diffusion.snr_gamma
     noise_schedule: str = Diffusion.noise_schedule
+    pos_init: str = "sincos2d"         # learned positions start as the 2-D sinusoidal table (U-ViT: normal)
+    conv_init: str = "uniform"         # the final conv's init (model.INITS)
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = Diffusion.T
     seed: int = 0
@@ -133,7 +135,8 @@ class TrainConfig:
         self.model_config()
 
     def model_config(self) -> UViTConfig:
-        return get_config(self.preset, **self.model_overrides)
+        inits = dict(pos_init=self.pos_init, conv_init=self.conv_init)
+        return get_config(self.preset, **{**inits, **self.model_overrides})
 
     def diffusion(self) -> Diffusion:
         return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma,
@@ -149,10 +152,15 @@ class TrainConfig:
         return d
 
 
+# TrainConfig fields added after runs were saved, with what those runs did before they existed
+FIELDS_ADDED = dict(noise_schedule="linear", pos_init="normal", conv_init="uniform")
+
+
 def saved_with_defaults(saved):
-    """A saved run config with the model fields added since it was saved at their defaults
-    (which is what loading it builds), so that resuming compares like with like."""
-    saved = dict(saved)
+    """A saved run config with the fields added since it was saved filled in as that run
+    trained (FIELDS_ADDED; the model's at their defaults, which is what loading it builds), so
+    that resuming compares like with like."""
+    saved = {**FIELDS_ADDED, **saved}
     if isinstance(saved.get("model"), dict):
         saved["model"] = UViTConfig.from_dict(saved["model"]).to_dict()
     return saved
