@@ -126,7 +126,8 @@ T = TrainConfig   # the defaults below are TrainConfig's
 @main.command("train-mnist")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=T.preset, show_default=True,
               help="Model size from the presets table (tiny: 1.5M parameters, small: 7.7M).")
-@click.option("--steps", type=int, default=None, help=f"Training steps. [default: {T.steps}]")
+@click.option("--steps", type=int, default=None,
+              help=f"Training steps. [default: {T.steps} on cpu, {GPU_DEFAULTS['steps']} on gpu]")
 @click.option("--batch-size", type=int, default=None,
               help=f"Images per step. [default: {T.batch_size} on cpu, {GPU_DEFAULTS['batch_size']} on gpu]")
 @click.option("--lr", type=float, default=T.lr, show_default=True, help="Peak AdamW learning rate.")
@@ -252,8 +253,9 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
         images = run.sample(digits, count, how, seed=seed, callback=record if gif else None, progress=bar)
     rows = one_row_per_digit(images, count)
     save_grid(rows, out_path, nrow=min(count, ROW))
-    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, guidance {guidance:g})",
-               err=True)
+    lo, hi = how.guidance_interval
+    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, guidance {guidance:g} "
+               f"at t/T in [{lo:g}, {hi:g}])", err=True)
     if gif:
         frames.append(images)
         gif_path = os.path.splitext(out_path)[0] + ".gif"
