@@ -180,12 +180,15 @@ def test_guidance_convention():
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it():
-    """The scale is s where lo <= t/(T-1) <= hi and 0 elsewhere; (0, 1) guides every step, and
-    an interval that no sampler step falls in samples as guidance 0 does."""
-    how = SampleConfig(guidance=2.0, guidance_interval=(0.2, 0.6))
-    assert [how.guidance_at(t, 11) for t in range(11)] == [0, 0, 2, 2, 2, 2, 2, 0, 0, 0, 0]
-    assert all(SampleConfig(guidance=2.0, guidance_interval=(0, 1)).guidance_at(t, 1000) == 2.0 for t in (0, 500, 999))
-    assert [SampleConfig(guidance=2.0).guidance_at(t, 1001) for t in (0, 600, 601, 1000)] == [2, 2, 0, 0]   # (0, 0.6)
+    """The scale is s where the noise level sigma = sqrt((1 - abar)/abar) lies in [lo, hi] and 0
+    elsewhere; (0, inf) guides every step, and an interval that no sampler step falls in samples
+    as guidance 0 does."""
+    sigma_to_abar = lambda sigma: 1.0 / (1.0 + sigma * sigma)
+    how = SampleConfig(guidance=2.0, guidance_interval=(0.5, 6.0))
+    assert [how.guidance_at(sigma_to_abar(v)) for v in (0.1, 0.51, 3.0, 5.99, 7.0, 150.0)] == [0, 2, 2, 2, 0, 0]
+    every = SampleConfig(guidance=2.0, guidance_interval=(0, math.inf))
+    assert all(every.guidance_at(a) == 2.0 for a in (1.0, 0.5, 1e-5, 0.0))
+    assert SampleConfig().guidance_interval == (0.0, 6.0)
 
     class Guided:   # eps_c = 0.5 x, eps_u = 0.5 x + 0.1: guidance shifts the prediction
         class cfg:
@@ -201,15 +204,16 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
     model.forward = lambda x, t, y, train=True: (seen.append(len(x)), forward(x, t, y))[1]
     d, y = Diffusion(prediction="eps"), np.array([0, 1])
     draw = lambda **kw: d.sample(model, y, np.random.default_rng(0), SampleConfig(steps=10, **kw))
-    none, every = draw(guidance=0.0), draw(guidance=2.0, guidance_interval=(0.0, 1.0))
-    ts = d.schedule.timesteps(10, "logsnr")
+    none, every = draw(guidance=0.0), draw(guidance=2.0, guidance_interval=(0, math.inf))
+    a = d.schedule.abar(d.schedule.timesteps(10, "logsnr"))
+    sigma = np.sqrt((1 - a) / a)                       # decreasing, one per step
     assert not np.allclose(none, every)
     assert not np.allclose(draw(guidance=2.0), every)   # the default leaves the noisiest steps unguided
-    gap = (ts[3] + 1, ts[2] - 1)                        # between two sampler steps: none inside
     seen.clear()
-    np.testing.assert_array_equal(draw(guidance=2.0, guidance_interval=(gap[0] / 999, gap[1] / 999)), none)
-    assert seen == [len(y)] * len(ts)                   # one forward per step, without the null-label half
-    inside = draw(guidance=2.0, guidance_interval=(ts[5] / 999, ts[2] / 999))
+    gap = (sigma[3] * 1.01, sigma[2] * 0.99)           # between two sampler steps: none inside
+    np.testing.assert_array_equal(draw(guidance=2.0, guidance_interval=gap), none)
+    assert seen == [len(y)] * len(a)                   # one forward per step, without the null-label half
+    inside = draw(guidance=2.0, guidance_interval=(sigma[5], sigma[2]))
     assert not np.allclose(inside, none) and not np.allclose(inside, every)
 
 
@@ -220,7 +224,8 @@ def test_unknown_sampler_and_bad_settings_are_refused_naming_the_option():
     for bad, option in [(dict(steps=0), "--steps"), (dict(guidance=float("nan")), "--guidance"),
                         (dict(guidance=-1.0), "--guidance"), (dict(eta=2.0), "--eta"), (dict(steps=2.5), "--steps"),
                         (dict(guidance_interval=(0.7, 0.1)), "--guidance-interval"),
-                        (dict(guidance_interval=(0.1, 1.5)), "--guidance-interval"),
+                        (dict(guidance_interval=(-1, 1.5)), "--guidance-interval"),
+                        (dict(guidance_interval=(0, float("nan"))), "--guidance-interval"),
                         (dict(guidance_interval=(0.1,)), "--guidance-interval")]:
         with pytest.raises(ConfigError, match=option):
             SampleConfig(**bad)

@@ -75,7 +75,7 @@ class Budget:
     def sample_config(self):
         """Guided at every step, whatever SampleConfig's default interval: studies stay comparable."""
         return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance,
-                            guidance_interval=(0.0, 1.0))
+                            guidance_interval=(0.0, float("inf")))
 
     def validate(self):
         """ConfigError naming the first invalid field."""

@@ -100,8 +100,10 @@ class _Interval(click.ParamType):
 def guidance_interval_option(fn):
     lo, hi = SampleConfig.guidance_interval
     return click.option("--guidance-interval", type=_Interval(), default=f"{lo:g},{hi:g}", show_default=True,
-                        help="Guide only the sampler steps whose t/T lies in [LO, HI] (0 = clean, 1 = pure "
-                             "noise); the other steps use the conditional model alone and cost half.")(fn)
+                        help="Guide only the steps whose noise level sigma = sqrt((1 - abar)/abar) lies in "
+                             "[LO, HI] (about 0.01 at the clean end, 157 at pure noise with the linear "
+                             "schedule; 0,inf guides every step); the others use the conditional model "
+                             "alone and cost half.")(fn)
 
 
 def _set_threads(threads):
@@ -255,7 +257,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
     save_grid(rows, out_path, nrow=min(count, ROW))
     lo, hi = how.guidance_interval
     click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, guidance {guidance:g} "
-               f"at t/T in [{lo:g}, {hi:g}])", err=True)
+               f"at noise levels {lo:g}..{hi:g})", err=True)
     if gif:
         frames.append(images)
         gif_path = os.path.splitext(out_path)[0] + ".gif"
