@@ -335,7 +335,9 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
         res = run.evaluate(per_digit, how, seed, batch_size, classifier=classifier, data_dir=data_dir, progress=bar,
                            picture=picture_path)
     click.echo(f"checkpoint       {run.path} (step {run.step})")
-    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g}")
+    lo, hi = how.guidance_interval
+    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g} "
+               f"at noise levels {lo:g}..{hi:g}")
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
     click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
     click.echo(f"FID              {res['fid']:.3f}")

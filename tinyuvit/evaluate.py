@@ -57,9 +57,12 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
     images, labels = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress)
     real = real_digits(labels, data_dir=data_dir)
     res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir, real=real)
-    res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance, guidance_interval=[v if v != float("inf") else None for v in how.guidance_interval])  # JSON has no inf
+    lo, hi = how.guidance_interval
+    res.update(sampler=how.sampler, steps=how.steps, guidance=how.guidance,
+               guidance_interval=[lo, hi if hi != float("inf") else None])   # JSON has no inf
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), labels, *real,
-                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, guidance {how.guidance:g}) "
+                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, guidance {how.guidance:g} at sigma "
+                          f"{lo:g}..{hi:g}) "
                           f"beside as many real digits")
     return res
