@@ -255,9 +255,8 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
         images = run.sample(digits, count, how, seed=seed, callback=record if gif else None, progress=bar)
     rows = one_row_per_digit(images, count)
     save_grid(rows, out_path, nrow=min(count, ROW))
-    lo, hi = how.guidance_interval
-    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, guidance {guidance:g} "
-               f"at noise levels {lo:g}..{hi:g})", err=True)
+    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, {how.guidance_text()})",
+               err=True)
     if gif:
         frames.append(images)
         gif_path = os.path.splitext(out_path)[0] + ".gif"
@@ -335,9 +334,8 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
         res = run.evaluate(per_digit, how, seed, batch_size, classifier=classifier, data_dir=data_dir, progress=bar,
                            picture=picture_path)
     click.echo(f"checkpoint       {run.path} (step {run.step})")
-    lo, hi = how.guidance_interval
-    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, guidance {guidance:g} "
-               f"at noise levels {lo:g}..{hi:g}")
+    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, "
+               f"{how.guidance_text()}")
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
     click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
     click.echo(f"FID              {res['fid']:.3f}")

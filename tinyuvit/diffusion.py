@@ -143,6 +143,11 @@ class SampleConfig:
                               f"(sigma; HI may be inf), e.g. 0,6, got {lo_hi!r}")
         object.__setattr__(self, "guidance_interval", (float(lo_hi[0]), float(lo_hi[1])))
 
+    def guidance_text(self):
+        """'guidance s at noise levels lo..hi', as the commands print it."""
+        lo, hi = self.guidance_interval
+        return f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
+
     def guidance_at(self, abar):
         """The guidance scale at a step whose x_t has signal level abar: s where the noise level
         sigma = sqrt((1 - abar) / abar) lies in the interval, 0 outside it. Guiding only the

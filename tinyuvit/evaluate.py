@@ -62,7 +62,6 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
                guidance_interval=[lo, hi if hi != float("inf") else None])   # JSON has no inf
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), labels, *real,
-                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, guidance {how.guidance:g} at sigma "
-                          f"{lo:g}..{hi:g}) "
+                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text()}) "
                           f"beside as many real digits")
     return res
