@@ -269,7 +269,9 @@ def _cpu_memory(fn, sync, k):
 
 
 def _gpu_memory(impl, fn, sync, k):
-    """Growth of the bytes in use by the framework's GPU memory pool during fn(k)."""
+    """(growth, peak): the growth of the bytes in use by the framework's GPU memory pool during
+    fn(k), and the most bytes in use at any moment of it (parameters, optimizer state and data
+    included; the CUDA context's few hundred MB are not)."""
     sync()
     if impl == "torch":
         import torch
@@ -277,7 +279,7 @@ def _gpu_memory(impl, fn, sync, k):
         torch.cuda.reset_peak_memory_stats()
         fn(k)
         sync()
-        return torch.cuda.max_memory_allocated() - before
+        return torch.cuda.max_memory_allocated() - before, torch.cuda.max_memory_allocated()
     import cupy
     pool = cupy.get_default_memory_pool()
     before, peak = pool.used_bytes(), [pool.used_bytes()]
@@ -292,7 +294,37 @@ def _gpu_memory(impl, fn, sync, k):
         sync()
     finally:
         cupy.cuda.set_allocator(pool.malloc)
-    return peak[0] - before
+    return peak[0] - before, peak[0]
+
+
+def gpu_kernels(fn, sync, k, top=12):
+    """The GPU work of one call fn(k), read with PyTorch's profiler (CUPTI sees every kernel of
+    the process, CuPy's too): {"kernels": launches, "copies": memcpy/memset, "gpu_ms": the sum
+    of their durations, "top": [[name, launches, ms], ...] by time}. None without PyTorch."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(k)
+        sync()
+    by_name, kernels, copies, total = defaultdict(lambda: [0, 0.0]), 0, 0, 0.0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.end - e.time_range.start
+        if e.name.startswith(("Memcpy", "Memset")):
+            copies += 1
+        else:
+            kernels += 1
+        total += us
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += us / 1000
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels": kernels, "copies": copies, "gpu_ms": total / 1000,
+            "top": [[name[:90], n, ms] for name, (n, ms) in ranked]}
 
 
 def matmul_peak(device="cpu", n=None, repeats=3):
@@ -426,8 +458,12 @@ def _measure(impls, spec):
             s["drop"]()
             s["sync"]()
             k = spec["warmup"] + spec["repeats"]
-            out[impl][what]["mem"] = (_gpu_memory(impl, s[what], s["sync"], k) if spec["device"] == "gpu"
-                                      else _cpu_memory(s[what], s["sync"], k))
+            if spec["device"] == "gpu":
+                out[impl][what]["mem"], out[impl][what]["mem_peak"] = _gpu_memory(impl, s[what], s["sync"], k)
+                if spec.get("kernels"):
+                    out[impl][what]["kernels"] = gpu_kernels(s[what], s["sync"], k + 1)
+            else:
+                out[impl][what]["mem"] = _cpu_memory(s[what], s["sync"], k)
     return out
 
 
@@ -475,7 +511,7 @@ def _spawn(spec):
 # The benchmark
 # ----------------------------------------------------------------------------------------
 
-def _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, threads):
+def _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, threads, kernels=False):
     """ConfigError / BackendError for values the benchmark cannot run with."""
     for p in presets:
         if p not in PRESETS:
@@ -496,6 +532,10 @@ def _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, thr
         raise ConfigError("compare 'blas' (the unsplit model on BLAS threads) is a CPU comparison")
     if tf32 and device != "gpu":
         raise ConfigError("tf32 is a GPU math mode: use it with device 'gpu'")
+    if kernels and device != "gpu":
+        raise ConfigError("kernels are counted on the GPU: use --kernels with --device gpu")
+    if kernels and importlib.util.find_spec("torch") is None:
+        raise ConfigError("counting kernels uses PyTorch's profiler: install torch, or leave out --kernels")
     if device == "gpu":
         ok, why = cupy_status()
         if not ok:
@@ -504,13 +544,14 @@ def _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, thr
 
 def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repeats=None, warmup=None,
               compare=None, tf32=False, profile=False, json_path=None, threads=None, overrides=None,
-              peak_n=None, log=print):
+              peak_n=None, kernels=False, log=print):
     """Time tinyuvit's training step and sampling forward for every preset and batch size.
 
     device "cpu" (NumPy) or "gpu" (CuPy); repeats / warmup default to 5 / 2 on the CPU, 20 / 5
     on the GPU; compare None, "torch" or "blas"; tf32: TF32 matmuls on the GPU for both sides;
     threads: CPU threads (default: tinyuvit's, every core); overrides: model config fields
-    changed in every preset (e.g. a small dim for tests); peak_n: the size of the peak matmul.
+    changed in every preset (e.g. a small dim for tests); peak_n: the size of the peak matmul;
+    kernels (GPU, PyTorch installed): count and time the kernels of one call of each (`gpu_kernels`).
     Prints one line per result through `log` and returns {"machine": ..., "results": [...],
     "profiles": [...]}, also written to `json_path` if given.
     """
@@ -518,7 +559,7 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
     repeats = d["repeats"] if repeats is None else repeats
     warmup = d["warmup"] if warmup is None else warmup
     presets, batches = tuple(presets), tuple(batches)
-    _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, threads)
+    _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, threads, kernels)
     threads = threads or cpu_threads()
     overrides = dict(overrides or {})
     impls = ["tinyuvit"] + ({"torch": ["torch"], "blas": ["tinyuvit-blas"]}[compare] if compare else [])
@@ -539,7 +580,8 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
         cfg = get_config(preset, **overrides)
         for batch in batches:
             spec = dict(job="measure", preset=preset, batch=batch, device=device, repeats=repeats,
-                        warmup=warmup, threads=threads, tf32=bool(tf32), overrides=overrides)
+                        warmup=warmup, threads=threads, tf32=bool(tf32), overrides=overrides,
+                        kernels=bool(kernels) and device == "gpu")
             if device == "cpu":           # fresh processes: A, B, A, B, ...
                 measured = {impl: {what: {"rounds": []} for what in WHATS} for impl in impls}
                 for _ in range(rounds):
@@ -583,7 +625,8 @@ def _summarize(measured, cfg, preset, batch, device, peak):
             rows.append({"preset": preset, "batch": batch, "device": device, "what": what, "impl": impl,
                          "median_ms": 1000 * sec, "img_per_s": batch / sec, "gflop": flops / 1e9,
                          "gflop_per_s": flops / sec / 1e9, "peak_fraction": flops / sec / peak,
-                         "mem_bytes": m[what]["mem"], "round_medians_ms": [1000 * s for s in medians],
+                         "mem_bytes": m[what]["mem"], "mem_peak_bytes": m[what].get("mem_peak"),
+                         "kernels": m[what].get("kernels"), "round_medians_ms": [1000 * s for s in medians],
                          "times_ms": [1000 * t for r in m[what]["rounds"] for t in r]})
         base = {r["impl"]: r["median_ms"] for r in rows if r["what"] == what}
         for r in rows:
@@ -597,6 +640,8 @@ def _summarize(measured, cfg, preset, batch, device, peak):
 def format_row(r):
     """One result line: preset, batch, what, implementation, median, img/s, FLOP rate, memory."""
     mem = "mem n/a" if r["mem_bytes"] is None else f"mem +{r['mem_bytes'] / 2 ** 20:.0f} MiB"
+    if r.get("mem_peak_bytes") is not None:
+        mem += f" (peak {r['mem_peak_bytes'] / 2 ** 20:.0f} MiB)"
     line = (f"{r['preset']:5s} batch {r['batch']:4d}  {r['what']:16s}  {r['impl']:13s} "
             f"{r['median_ms']:9.2f} ms  {r['img_per_s']:8.0f} img/s  {r['gflop_per_s']:8.1f} GFLOP/s "
             f"({100 * r['peak_fraction']:4.1f}% of peak)  {mem}")
@@ -604,6 +649,12 @@ def format_row(r):
         line += f"  x{r['speed_vs_torch']:.2f} torch's speed"
     elif "speed_vs_tinyuvit" in r:
         line += f"  x{r['speed_vs_tinyuvit']:.2f} tinyuvit's speed"
+    kern = r.get("kernels")
+    if kern:
+        line += (f"\n      GPU work of one call: {kern['kernels']} kernels + {kern['copies']} copies, "
+                 f"{kern['gpu_ms']:.2f} ms busy ({100 * kern['gpu_ms'] / r['median_ms']:.0f}% of the wall time)")
+        if r["impl"] != "torch":
+            line += "".join(f"\n        {ms:7.2f} ms {n:4d}x  {name}" for name, n, ms in kern["top"][:8])
     return line
 
 

@@ -447,10 +447,13 @@ def _more_values(ctx, presets, batches):
                    "blas: the unsplit model on multi-threaded BLAS (CPU).")
 @click.option("--tf32", is_flag=True, help="GPU: TF32 matmuls for tinyuvit (CUPY_TF32=1) and PyTorch.")
 @click.option("--profile", is_flag=True, help="Also print where the time of one step goes, layer type by layer type.")
+@click.option("--kernels", is_flag=True,
+              help="GPU: count and time the kernels of one call of each, with PyTorch's profiler (needs torch).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every result (all timings, FLOP rates, memory) to this JSON file.")
 @threads_option
-def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, profile, json_path, threads):
+def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, profile, kernels, json_path,
+              threads):
     """Time a training step and a sampling forward: median ms, img/s, GFLOP/s, memory.
 
     The training step is tinyuvit.train's (loss, backward, clip, AdamW, EMA); the sampling
@@ -466,7 +469,8 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
     from .bench import run_bench
     presets, batches = _more_values(click.get_current_context(), presets, batches)
     run_bench(presets=presets, batches=batches, device=device, rounds=rounds, repeats=repeats, warmup=warmup,
-              compare=compare, tf32=tf32, profile=profile, json_path=json_path, threads=threads, log=click.echo)
+              compare=compare, tf32=tf32, profile=profile, kernels=kernels, json_path=json_path, threads=threads,
+              log=click.echo)
 
 
 # ----------------------------------------------------------------------------------------
