@@ -126,7 +126,8 @@ def test_profile_shares_add_up_to_the_step():
 def test_bench_command_help():
     r = CliRunner().invoke(main, ["bench", "--help"])
     assert r.exit_code == 0
-    for option in ("--preset", "--batch", "--device", "--compare", "--tf32", "--profile", "--json", "--threads"):
+    for option in ("--preset", "--batch", "--device", "--compare", "--tf32", "--profile", "--kernels", "--json",
+                   "--threads"):
         assert option in r.output
 
 
@@ -137,6 +138,8 @@ def test_bench_command_help():
     (["--batch", "4", "x"], "unexpected argument 'x'"),
     (["--tf32"], "tf32 is a GPU math mode"),
     (["--compare", "blas", "--device", "gpu"], "CPU comparison"),
+    (["--compare", "unfused"], "GPU comparison"),
+    (["--kernels"], "counted on the GPU"),
 ])
 def test_bench_command_refuses_bad_values_in_one_line(args, message):
     r = CliRunner().invoke(main, ["bench"] + args)
@@ -202,3 +205,18 @@ def test_torch_training_step_does_the_same_work():
     for k in range(2):
         assert theirs["train step"](k) == pytest.approx(ours["train step"](k), rel=1e-4)
     assert theirs["sampling forward"](0).shape == (8, 1, 28, 28)
+
+
+@pytest.mark.skipif(not bench.cupy_status()[0], reason="needs CuPy and a GPU")
+def test_gpu_bench_beside_the_unfused_path_with_kernel_counts():
+    extra = ("torch",) if torch is not None else ()
+    out = run_bench(presets=("tiny",), batches=(2,), device="gpu", rounds=1, repeats=1, warmup=0,
+                    compare=("unfused",) + extra, kernels=torch is not None,
+                    overrides=dict(dim=32, depth=2, num_heads=2), log=lambda line: None)
+    rows = {(r["impl"], r["what"]): r for r in out["results"]}
+    assert {impl for impl, _ in rows} == {"tinyuvit", "tinyuvit-unfused"} | set(extra)
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["mem_peak_bytes"] >= r["mem_bytes"] > 0
+    if torch is not None:   # the profiler sees CuPy's kernels too; fusing means fewer of them
+        fused, plain = rows["tinyuvit", "train step"]["kernels"], rows["tinyuvit-unfused", "train step"]["kernels"]
+        assert 0 < fused["kernels"] < plain["kernels"]

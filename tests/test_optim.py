@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from tinyuvit import kernels
 from tinyuvit.backend import Backend, to_numpy, xp_of
 from tinyuvit.checkpoint import load_checkpoint, save_checkpoint
 from tinyuvit.model import UViT, UViTConfig
@@ -128,6 +129,11 @@ def assert_same_bits(a, b, what):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("decay", [None, lambda name, p: p.ndim == 2], ids=["decay-all", "decay-matrices"])
 def test_flat_adamw_and_ema_are_bit_identical_to_per_parameter(backend, dtype, decay):
+    with kernels.use(False):   # the array code (a GPU's fused kernels: tests/test_kernels.py)
+        _flat_adamw_and_ema_are_bit_identical_to_per_parameter(backend, dtype, decay)
+
+
+def _flat_adamw_and_ema_are_bit_identical_to_per_parameter(backend, dtype, decay):
     ref_model, model = small_model(backend, dtype), small_model(backend, dtype)
     ref_params = ref_model.state_dict()
     ref_opt = ReferenceAdamW(ref_params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.03, decay=decay)

@@ -168,6 +168,28 @@ def set_cpu_threads(n):
     _THREADS = n
 
 
+def cupy_module():
+    """The CuPy module if it imported, else None (tinyuvit.kernels asks here, not `import cupy`)."""
+    return _cupy
+
+
+_ONES = {}
+
+
+def sum_rows(a):
+    """The sum over the rows of a 2-D array [n, D] -> [D] (a bias gradient, say).
+
+    NumPy: a.sum(axis=0). CuPy: a matrix-vector product with a vector of n ones, which cuBLAS
+    runs far faster than CuPy's own sum over axis 0: on an H200 those sums took 168 of the 485 ms
+    of a `small` training step at batch 512."""
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        key = (a.shape[0], a.dtype.str, _cupy.cuda.Device().id)
+        if key not in _ONES:
+            _ONES[key] = _cupy.ones(a.shape[0], dtype=a.dtype)
+        return _ONES[key] @ a
+    return a.sum(axis=0)
+
+
 def to_numpy(x):
     """A host NumPy copy of any backend's array (no-op for NumPy arrays)."""
     if _cupy is not None and isinstance(x, _cupy.ndarray):

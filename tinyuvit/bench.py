@@ -29,7 +29,9 @@ How:
 `compare="torch"` builds the same network in PyTorch (tinyuvit/torch_uvit.py, same parameter
 count, tinyuvit's weights copied in) and does the same work: same loss, clip, AdamW, EMA, same
 batch and threads. `compare="blas"` (CPU) times the unsplit model with multi-threaded BLAS
-instead of tinyuvit.parallel. `profile=True` adds a per-layer profile of one training step and
+instead of tinyuvit.parallel. `compare="unfused"` (GPU) times tinyuvit without its fused
+kernels (tinyuvit/kernels.py): the plain array code on CuPy. Several can be given as a tuple,
+e.g. ("torch", "unfused"). `profile=True` adds a per-layer profile of one training step and
 one sampling forward.
 """
 import argparse
@@ -51,7 +53,8 @@ from .model import PRESETS, UViT, get_config
 from .optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
 
 WHATS = ("train step", "sampling forward")
-COMPARES = ("torch", "blas")
+COMPARES = ("torch", "blas", "unfused")
+IMPLS = {"torch": "torch", "blas": "tinyuvit-blas", "unfused": "tinyuvit-unfused"}
 DEFAULTS = {"cpu": dict(repeats=5, warmup=2), "gpu": dict(repeats=20, warmup=5)}
 
 
@@ -225,7 +228,17 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
 def _setup(impl, cfg, batch, device, threads, tf32):
     if impl == "torch":
         return setup_torch(cfg, batch, device, threads, tf32)
-    return setup_tinyuvit(cfg, batch, device, threads, split=(impl != "tinyuvit-blas"))
+    s = setup_tinyuvit(cfg, batch, device, threads, split=(impl != "tinyuvit-blas"))
+    if impl == "tinyuvit-unfused":
+        from . import kernels
+        for what in WHATS:
+            s[what] = lambda k, f=s[what]: _unfused(kernels, f, k)
+    return s
+
+
+def _unfused(kernels, f, k):
+    with kernels.use(False):
+        return f(k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,12 +537,15 @@ def _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, thr
             raise ConfigError(f"{name} must be an integer >= {low}, got {v}")
     if device not in ("cpu", "gpu"):
         raise BackendError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if compare not in (None,) + COMPARES:
-        raise ConfigError(f"compare must be one of {COMPARES} (or none), got {compare!r}")
-    if compare == "torch" and importlib.util.find_spec("torch") is None:
+    for c in compare:
+        if c not in COMPARES:
+            raise ConfigError(f"compare must be one of {COMPARES} (or none), got {c!r}")
+    if "torch" in compare and importlib.util.find_spec("torch") is None:
         raise ConfigError("comparing with PyTorch needs it installed (pip install torch); tinyuvit itself does not")
-    if compare == "blas" and device != "cpu":
+    if "blas" in compare and device != "cpu":
         raise ConfigError("compare 'blas' (the unsplit model on BLAS threads) is a CPU comparison")
+    if "unfused" in compare and device != "gpu":
+        raise ConfigError("compare 'unfused' (without the fused CUDA kernels) is a GPU comparison")
     if tf32 and device != "gpu":
         raise ConfigError("tf32 is a GPU math mode: use it with device 'gpu'")
     if kernels and device != "gpu":
@@ -548,7 +564,7 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
     """Time tinyuvit's training step and sampling forward for every preset and batch size.
 
     device "cpu" (NumPy) or "gpu" (CuPy); repeats / warmup default to 5 / 2 on the CPU, 20 / 5
-    on the GPU; compare None, "torch" or "blas"; tf32: TF32 matmuls on the GPU for both sides;
+    on the GPU; compare None, "torch", "blas" or "unfused", or a tuple of them; tf32: TF32 matmuls on the GPU for both sides;
     threads: CPU threads (default: tinyuvit's, every core); overrides: model config fields
     changed in every preset (e.g. a small dim for tests); peak_n: the size of the peak matmul;
     kernels (GPU, PyTorch installed): count and time the kernels of one call of each (`gpu_kernels`).
@@ -559,10 +575,11 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
     repeats = d["repeats"] if repeats is None else repeats
     warmup = d["warmup"] if warmup is None else warmup
     presets, batches = tuple(presets), tuple(batches)
+    compare = () if not compare else (compare,) if isinstance(compare, str) else tuple(dict.fromkeys(compare))
     _check(presets, batches, device, rounds, repeats, warmup, compare, tf32, threads, kernels)
     threads = threads or cpu_threads()
     overrides = dict(overrides or {})
-    impls = ["tinyuvit"] + ({"torch": ["torch"], "blas": ["tinyuvit-blas"]}[compare] if compare else [])
+    impls = ["tinyuvit"] + [IMPLS[c] for c in compare]
     machine = {"device": device, "python": platform.python_version(), "numpy": np.__version__,
                "rounds": rounds, "repeats": repeats, "warmup": warmup, "tf32": bool(tf32)}
     if device == "cpu":

@@ -442,9 +442,10 @@ def _more_values(ctx, presets, batches):
               help="Alternating rounds (A, B, A, B, ...); the CPU runs each in a fresh process.")
 @click.option("--repeats", type=int, default=None, help="Timed calls per round. [default: 5 on cpu, 20 on gpu]")
 @click.option("--warmup", type=int, default=None, help="Untimed calls first. [default: 2 on cpu, 5 on gpu]")
-@click.option("--compare", type=click.Choice(["torch", "blas"]), default=None,
+@click.option("--compare", type=click.Choice(["torch", "blas", "unfused"]), multiple=True,
               help="torch: the same network and training step in PyTorch (needs torch installed); "
-                   "blas: the unsplit model on multi-threaded BLAS (CPU).")
+                   "blas: the unsplit model on multi-threaded BLAS (CPU); unfused: tinyuvit without its "
+                   "fused CUDA kernels (GPU). Repeat the option to compare with several.")
 @click.option("--tf32", is_flag=True, help="GPU: TF32 matmuls for tinyuvit (CUPY_TF32=1) and PyTorch.")
 @click.option("--profile", is_flag=True, help="Also print where the time of one step goes, layer type by layer type.")
 @click.option("--kernels", is_flag=True,
@@ -465,6 +466,7 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
       tinyuvit bench --batch 64 128
       tinyuvit bench --compare torch --preset tiny --preset small --json bench.json
       tinyuvit bench --device gpu --compare torch --tf32 --batch 256 1024
+      tinyuvit bench --device gpu --compare torch --compare unfused --kernels
     """
     from .bench import run_bench
     presets, batches = _more_values(click.get_current_context(), presets, batches)

@@ -18,13 +18,17 @@ Conventions
   avoids `out=`; in-place `+=`, `*=` on arrays it made itself are fine (autograd rebinds).
   Backward code is never traced and writes in place where that saves a copy.
 - Shapes: B batch, L tokens, D width, H heads, hd = D / H head width, C channels.
+- On a GPU in float32, LayerNorm, GELU and softmax run as one fused kernel each
+  (tinyuvit/kernels.py, tested equal to the array code here, which is the reference and what
+  NumPy runs); each place is marked `# fused:`.
 """
 import functools
 import math
 
 import numpy as np
 
-from .backend import Backend, elementwise, erf, to_numpy, xp_of
+from . import kernels
+from .backend import Backend, elementwise, erf, sum_rows, to_numpy, xp_of
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,7 +187,7 @@ class Linear(Module):
         dy2 = dy.reshape(-1, W.shape[1])           # [n, d_out]
         self.grads["W"] = x2.T @ dy2
         if "b" in self.params:
-            self.grads["b"] = dy2.sum(axis=0)
+            self.grads["b"] = sum_rows(dy2)
         return (dy2 @ W.T).reshape(x.shape)
 
 
@@ -203,6 +207,10 @@ class LayerNorm(Module):
             self.params["b"] = np.zeros(dim)
 
     def forward(self, x, *, train=True):  # [..., D] -> [..., D]
+        if kernels.fits(x):  # fused: all of the below in one kernel
+            y, xhat, rstd = kernels.layernorm_forward(x, self.params.get("g"), self.params.get("b"), self.eps, train)
+            self.save(train, xhat=xhat, rstd=rstd)
+            return y
         xhat = x - x.mean(axis=-1, keepdims=True)                # x - mu, a new array
         var = (xhat * xhat).mean(axis=-1, keepdims=True)         # [..., 1]
         rstd = 1.0 / xp_of(var).sqrt(var + self.eps)             # [..., 1]
@@ -225,8 +233,11 @@ class LayerNorm(Module):
         xhat, rstd = self.saved("xhat", "rstd")
         xp, D = xp_of(dy), dy.shape[-1]
         if "g" in self.params:
-            self.grads["g"] = (dy * xhat).reshape(-1, D).sum(axis=0)
-            self.grads["b"] = dy.reshape(-1, D).sum(axis=0)
+            self.grads["g"] = sum_rows((dy * xhat).reshape(-1, D))
+            self.grads["b"] = sum_rows(dy.reshape(-1, D))
+        if kernels.fits(dy, xhat):  # fused: dx below in one kernel
+            return kernels.layernorm_backward(dy, xhat, rstd, self.params.get("g"))
+        if "g" in self.params:
             h = dy * self.params["g"]
         else:
             h = dy.copy()                                        # written in place below
@@ -308,8 +319,8 @@ class GELU(Module):
     def forward(self, x, *, train=True):
         if not train:
             self.save(False)
-            return elementwise(gelu, x)
-        y, slope = elementwise(gelu_and_slope, x)
+            return kernels.gelu(x) if kernels.fits(x) else elementwise(gelu, x)   # fused: one kernel
+        y, slope = kernels.gelu(x, slope=True) if kernels.fits(x) else elementwise(gelu_and_slope, x)
         self.save(True, slope=slope)
         return y
 
@@ -323,6 +334,8 @@ class GELU(Module):
 
 def softmax(s):
     """exp(s - max) / sum exp(s - max) over the last axis (the max keeps exp from overflowing)."""
+    if kernels.fits(s):  # fused: one kernel
+        return kernels.softmax(s)
     e = xp_of(s).exp(s - s.max(axis=-1, keepdims=True))
     e /= e.sum(axis=-1, keepdims=True)
     return e
@@ -331,6 +344,8 @@ def softmax(s):
 def softmax_backward(p, dp):
     """dL/ds for p = softmax(s), given dp = dL/dp: the Jacobian dp_i/ds_j = p_i (delta_ij - p_j),
     row by row, gives  ds = p * (dp - sum_j dp_j p_j)."""
+    if kernels.fits(p, dp):  # fused: one kernel
+        return kernels.softmax_backward(p, dp)
     ds = dp * p
     r = ds.sum(axis=-1, keepdims=True)                  # [..., 1]
     xp_of(ds).subtract(dp, r, out=ds)                   # reuses ds: dp - r
@@ -557,7 +572,7 @@ class PosEmbed(Module):
         return x + self.params["pos"]      # nothing to save: the gradient is dy itself
 
     def backward(self, dy):
-        self.grads["pos"] = dy.sum(axis=0, keepdims=True)
+        self.grads["pos"] = sum_rows(dy.reshape(dy.shape[0], -1)).reshape(self.params["pos"].shape)
         return dy
 
 

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import xp_of
 
 PIECE = 1 << 15   # numbers per piece of a flat array on NumPy (fastest of 4K..128K, and whole)
@@ -171,6 +172,10 @@ class AdamW:
         self.k += 1
         c1, c2 = 1.0 - b1 ** self.k, 1.0 - b2 ** self.k
         for p, g, m, v, decayed in zip(self._p, _split(grads, self.layout), self._m, self._v, self.decayed):
+            if kernels.fits_in_place(p, g, m, v):  # fused: the update below in one kernel
+                kernels.adamw_step(p, g, m, v, decayed if self.weight_decay else False,
+                                   1.0 - lr * self.weight_decay, b1, b2, c2, lr / c1, self.eps)
+                continue
             xp = xp_of(p)
             if self.weight_decay:
                 _decay(p, decayed, 1.0 - lr * self.weight_decay)
@@ -278,6 +283,9 @@ class EMA:
         {name: array})."""
         d = self.decay_at(step)
         for e, p in zip(self._e, _split(params, self.layout)):
+            if kernels.fits_in_place(e, p):  # fused: one kernel
+                kernels.ema_update(e, p, d)
+                continue
             e *= d
             e += (1.0 - d) * p
 
