@@ -2,18 +2,22 @@
 # The GPU check of the CuPy path, as one script that fits one 10-minute call (each step has
 # its own time limit). Steps, chosen with STEPS (default: all, in this order):
 #   tests   the whole test suite, CuPy cases included (pytest-xdist, 8 workers, if present)
-#   train   the GPU default `train-mnist --device gpu`, timed (SIGTERM at TRAIN_LIMIT saves it)
-#   eval    `evaluate --device gpu` of that run (10,000 samples, its defaults)
-#   bench   `tinyuvit bench` beside PyTorch: tiny b128 (with the kernel count), small b512 in
-#           fp32 and TF32
+#   bench   `tinyuvit bench` of tiny b128 beside PyTorch and the unfused path, with kernel counts
+#   train   the GPU default `train-mnist --device gpu`, timed (SIGTERM at TRAIN_LIMIT saves it);
+#           with TRAIN2_ARGS, a second run with those options at the same time (both then share
+#           the GPU: their times are upper bounds of each alone)
+#   eval    `evaluate --device gpu` of that run (10,000 samples, its defaults), then of the second
+#           run, then of the first again with EVAL_ARGS (e.g. another guidance) if given
+#   bench-small  the same for small b512 in fp32, then TF32; memory at batches 256 and 64
+# If the fused CUDA kernels fail to build or run, the rest runs without them (TINYUVIT_FUSED=0).
 # Logs and results go to $OUT (default: gpu_check/); every step also prints to the terminal.
 #
 #   MNIST=path/to/mnist bash examples/gpu_check.sh
-#   STEPS="tests bench" MNIST=.mnist bash examples/gpu_check.sh
+#   STEPS="tests bench" MNIST=.mnist bash examples/gpu_check.sh   (the steps run in the order above)
 # Autograd wheels in .whl/ are installed first if present (the GPU tests of gradients use it).
 set -u
 OUT=${OUT:-gpu_check}; mkdir -p "$OUT"
-STEPS=${STEPS:-tests train eval bench}
+STEPS=${STEPS:-tests bench train eval bench-small}
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/tmp/tinyuvit-cache TINYUVIT_DATA=${MNIST:-${TINYUVIT_DATA:-}}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -28,41 +32,79 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion(), 'numpy', numpy.__version__)"
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" || true
 
+step "fused kernels: build and one call each"
+if ! timeout 60 python3 -c "
+import cupy as cp, numpy as np
+from tinyuvit import kernels
+x = cp.asarray(np.random.default_rng(0).standard_normal((64, 51, 128)), dtype=np.float32)
+y, xh, r = kernels.layernorm_forward(x, None, None, 1e-5, True)
+dx = kernels.layernorm_backward(x, xh, r, None)
+p = kernels.softmax(x); ds = kernels.softmax_backward(p, x); g, s = kernels.gelu(x, slope=True)
+e = x.ravel().copy(); kernels.ema_update(e, x.ravel(), 0.5)
+m, v = cp.zeros_like(e), cp.zeros_like(e); kernels.adamw_step(e, x.ravel(), m, v, True, 0.99, 0.9, 0.999, 0.001, 1e-3, 1e-8)
+cp.cuda.Stream.null.synchronize()
+print('ok: LayerNorm |mean| %.1e, softmax row sums %.6f' % (float(abs(y.mean(-1)).max()), float(p.sum(-1).mean())))
+"; then echo "FUSED KERNELS FAILED: running without them"; export TINYUVIT_FUSED=0; fi
+
 if want tests; then
   step "tests (CuPy cases included)"
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
-  timeout ${TEST_LIMIT:-110} python3 -m pytest -q -p no:cacheprovider $XDIST -rs > "$OUT/pytest.log" 2>&1
+  timeout ${TEST_LIMIT:-110} python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs > "$OUT/pytest.log" 2>&1
   echo "exit $?"; grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+  grep -E "^E  " "$OUT/pytest.log" | head -30
   grep -E "^SKIPPED" "$OUT/pytest.log" | sed -E 's/^SKIPPED \[[0-9]+\] //' | sort | uniq -c | sort -rn | head -8
+fi
+
+if want bench; then
+  step "bench tiny b128 beside PyTorch (fp32), with the kernels of one call"
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --compare unfused \
+    --preset tiny --batch 128 --rounds 3 --kernels --json "$OUT/bench_tiny.json" 2>&1
 fi
 
 if want train; then
   step "train-mnist --device gpu (defaults), at most ${TRAIN_LIMIT:-250} s (SIGTERM saves)"
-  rm -rf "$RUN"
+  rm -rf "$RUN" "$RUN-2"
   TIMER=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v")
-  START=$(date +%s.%N)
-  timeout -s TERM ${TRAIN_LIMIT:-250} $TIMER python3 -m tinyuvit.cli train-mnist --device gpu \
-    --out "$RUN" --quiet ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
-  echo "exit $?, wall $(python3 -c "import time; print(round(time.time() - $START, 1))") s"
-  grep -E "training|data:|done|stopped|Elapsed|Maximum resident|rror" "$OUT/train.log"
-  tail -1 "$RUN/metrics.jsonl"
-  cp "$RUN/metrics.jsonl" "$OUT/" 2>/dev/null; cp "$RUN/samples.png" "$OUT/" 2>/dev/null
+  train() {  # out-folder log args...
+    local out=$1 log=$2; shift 2
+    local start=$(date +%s.%N)
+    timeout -s TERM ${TRAIN_LIMIT:-250} $TIMER python3 -m tinyuvit.cli train-mnist --device gpu \
+      --out "$out" --quiet "$@" > "$log" 2>&1
+    echo "exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s: train-mnist --device gpu $*" >> "$log"
+  }
+  train "$RUN" /tmp/train.log ${TRAIN_ARGS:-} &
+  [ -n "${TRAIN2_ARGS:-}" ] && train "$RUN-2" /tmp/train2.log $TRAIN2_ARGS &
+  wait
+  for n in "" 2; do
+    [ -f /tmp/train$n.log ] || continue
+    grep -E "training|data:|done|stopped|Elapsed|Maximum resident|rror|^exit" /tmp/train$n.log
+    r=$RUN$([ -n "$n" ] && echo "-2"); tail -1 "$r/metrics.jsonl"
+  done
+  cat /tmp/train.log /tmp/train2.log > "$OUT/train.log" 2>/dev/null
+  cp "$RUN/samples.png" "$OUT/" 2>/dev/null
 fi
 
 if want eval; then
   step "evaluate --device gpu (10,000 samples)"
   timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet \
-    --json "$OUT/eval.json" --picture "$OUT/eval_pixels.png" 2>&1 | tee "$OUT/eval.log"
+    --json "$OUT/eval.json" --picture "$OUT/eval_pixels.png" 2>&1
+  if [ -d "$RUN-2" ]; then
+    step "evaluate the second run ($TRAIN2_ARGS)"
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN-2" --quiet \
+      --json /tmp/eval2.json 2>&1
+  fi
+  if [ -n "${EVAL_ARGS:-}" ]; then
+    step "evaluate the first run with $EVAL_ARGS"
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet \
+      --json /tmp/eval3.json $EVAL_ARGS 2>&1
+  fi
 fi
 
-if want bench; then
-  step "bench tiny b128 beside PyTorch (fp32), with the kernels of one call"
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --preset tiny --batch 128 \
-    --rounds 3 --kernels --json "$OUT/bench_tiny.json" 2>&1
+if want bench-small; then
   step "bench small b512 beside PyTorch, fp32 then TF32"
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --preset small --batch 512 \
-    --rounds 2 --repeats 8 --warmup 3 --kernels --json "$OUT/bench_small.json" 2>&1
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --compare unfused \
+    --preset small --batch 512 --rounds 2 --repeats 8 --warmup 3 --kernels --json "$OUT/bench_small.json" 2>&1
   timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --tf32 --preset small \
     --batch 512 --rounds 2 --repeats 8 --warmup 3 --json "$OUT/bench_small_tf32.json" 2>&1
   step "memory at the GPU default batch (256) and a 4 GB card's (64)"
