@@ -138,6 +138,11 @@ def test_evaluate_images_keeps_its_keys_and_adds_pixels():
     assert sorted(pixels["real"]["ink_per_digit"]) == [str(d) for d in range(10)]
     assert 0 <= pixels["histogram_tv"] < 0.1                               # real digits against real digits
     json.dumps(res)
+    # the same-digits floor is the FID of those real digits: samples equal to them score it exactly
+    again = metrics.evaluate_images(to_model_range(real), real_labels, classifier, reference=reference,
+                                    real=(real, real_labels))
+    assert again["fid"] == pytest.approx(again["fid_floor_same_digits"], rel=1e-9, abs=1e-9)
+    assert again["fid_floor_same_digits"] < 1e-6                       # and here the reference is them too
     given = metrics.evaluate_images(real, real_labels, classifier, reference=reference, real=(real, real_labels))
     assert given["pixels"]["histogram_tv"] == 0 and given["pixels"]["generated"] == given["pixels"]["real"]
 
@@ -211,9 +216,10 @@ def test_evaluate_prints_writes_and_draws_the_pixel_measures(tiny_run, tmp_path)
     for words in ("pixels (0..255)  generated      real", "faint 1..16", "saturated 255", "histogram TV",
                   "ink, generated", "spread, real", f"wrote {png}"):
         assert words in r.output
-    assert r.output.index("FID floor") < r.output.index("pixels (0..255)")
+    assert r.output.index("FID floor") < r.output.index("FID, same digits") < r.output.index("pixels (0..255)")
     res = json.loads(out.read_text())
-    assert {"class_accuracy", "per_digit_accuracy", "fid", "fid_floor", "fid_floor_same_n", "n"} <= set(res)
+    assert {"class_accuracy", "per_digit_accuracy", "fid", "fid_floor", "fid_floor_same_n", "fid_floor_same_digits",
+            "n"} <= set(res)
     pixels = res["pixels"]
     assert set(pixels) == {"generated", "real", "histogram_tv"}
     assert set(pixels["generated"]) == KEYS and pixels["generated"]["n"] == pixels["real"]["n"] == res["n"] == 20

@@ -503,7 +503,7 @@ def _gpu_info(impls):
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     info = {"gpu": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
-            "cupy": cupy.__version__, "tf32": os.environ.get("CUPY_TF32", "0")}
+            "cupy": cupy.__version__, "cupy_tf32": os.environ.get("CUPY_TF32", "0")}
     if "torch" in impls:
         import torch
         info["torch"] = torch.__version__

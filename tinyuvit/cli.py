@@ -307,7 +307,9 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
     Samples --per-digit images of every digit with the EMA weights; the shipped ViT classifier
     labels them (class accuracy = share read as the digit asked for) and its penultimate
     features give the Frechet distance to the MNIST test set (FID). The floor is the FID of
-    10,000 real training digits: the best a generator can hope for.
+    10,000 real training digits drawn at random. Real digits drawn as the samples are (as many
+    of each digit) score higher, because the test set's digits are not equally common: that FID
+    is printed too, as what a perfect generator would score here.
 
     The pixels (0..255, as in the sample PNGs) are compared with as many real training digits
     of each class: ink (sum of pixels / 255) per digit and its spread, the shares of pixels
@@ -343,6 +345,8 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
                f"FID / floor = {res['fid'] / res['fid_floor']:.1f})")
     click.echo(f"FID floor, n={res['n']:<5d} {res['fid_floor_same_n']:.3f}   (as many real training digits as "
                f"samples; FID / this = {res['fid'] / res['fid_floor_same_n']:.1f})")
+    click.echo(f"FID, same digits {res['fid_floor_same_digits']:.3f}   (real training digits, as many of each as the "
+               f"samples: a perfect generator's FID here; FID / this = {res['fid'] / res['fid_floor_same_digits']:.1f})")
     for line in pixel_lines(res["pixels"]):
         click.echo(line)
     atomic_write(json_path, lambda f: f.write(json.dumps(res, indent=2).encode()))
