@@ -24,9 +24,10 @@ def rel_err(a, b):
 def test_kernels_only_for_float32_cupy_arrays():
     x = np.ones((4, 8), np.float32)
     assert not kernels.fits(x)                 # NumPy always runs the reference code
-    with kernels.use(False):
-        assert not kernels.enabled()
-    assert kernels.enabled() == kernels._ENABLED
+    before = kernels.enabled()
+    with kernels.use(not before):
+        assert kernels.enabled() == (not before)
+    assert kernels.enabled() == before         # restored after the block
 
 
 def test_sum_rows_is_the_sum_over_axis_0_on_numpy():
@@ -173,3 +174,22 @@ def test_model_step_fused_equals_reference(preset):
     assert rel_err(out, out0) < 1e-4
     for k in g0:
         assert rel_err(g[k], g0[k]) < 1e-3, k
+
+
+def test_cuda_source_compiles_without_a_gpu():
+    """NVRTC (CuPy's compiler library) builds every kernel for a GPU that need not be here, so
+    a session without one still catches a kernel that does not compile. Skips without CuPy or
+    NVRTC (`pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12` brings both)."""
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    try:
+        prog = nvrtc.createProgram(kernels.source(), "kernels.cu", [], [])
+    except Exception as e:   # the NVRTC library itself is missing
+        pytest.skip(f"NVRTC unavailable: {e}")
+    try:
+        nvrtc.compileProgram(prog, ["-arch=compute_70"])
+    except Exception:
+        pytest.fail("the CUDA source does not compile:\n" + nvrtc.getProgramLog(prog))
+    ptx = nvrtc.getPTX(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    for name in kernels._NAMES:
+        assert f".entry {name}(" in ptx, name
