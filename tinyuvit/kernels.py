@@ -164,7 +164,7 @@ def _kernel(name):
     global _module
     if _module is None:
         import cupy
-        _module = cupy.RawModule(code=_SOURCE, name_expressions=None)
+        _module = cupy.RawModule(code=_SOURCE)    # compiled by NVRTC on first use, then cached
     return _module.get_function(name)
 
 
