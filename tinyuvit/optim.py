@@ -15,7 +15,8 @@ vectorised operations over the whole buffer instead of over each of the ~100 par
     opt.step(grads, lr)
     ema.update(flat, step)
 
-On CuPy the buffer is one piece: each operation is one kernel launch for all parameters. On
+On CuPy the buffer is one piece: each operation is one kernel launch for all parameters,
+and in float32 the whole AdamW update and the EMA update are one fused kernel each (kernels.py). On
 NumPy it is walked in pieces of 32K numbers (128 KiB of float32), whose temporaries stay in the
 core's cache, as in `backend.elementwise`: each operation over the whole 6 MB buffer at once
 would send its temporaries to main memory and back, twice as slow as array by array.
