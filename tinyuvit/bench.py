@@ -49,12 +49,13 @@ import numpy as np
 from .backend import Backend, cpu_threads, cupy_status, set_cpu_threads, synchronize, xp_of
 from .diffusion import Schedule
 from .errors import BackendError, ConfigError
+from .kernels import use as use_fused_kernels
 from .model import PRESETS, UViT, get_config
 from .optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
 
 WHATS = ("train step", "sampling forward")
-COMPARES = ("torch", "blas", "unfused")
-IMPLS = {"torch": "torch", "blas": "tinyuvit-blas", "unfused": "tinyuvit-unfused"}
+IMPLS = {"torch": "torch", "blas": "tinyuvit-blas", "unfused": "tinyuvit-unfused"}   # compare -> what runs
+COMPARES = tuple(IMPLS)
 DEFAULTS = {"cpu": dict(repeats=5, warmup=2), "gpu": dict(repeats=20, warmup=5)}
 
 
@@ -230,14 +231,13 @@ def _setup(impl, cfg, batch, device, threads, tf32):
         return setup_torch(cfg, batch, device, threads, tf32)
     s = setup_tinyuvit(cfg, batch, device, threads, split=(impl != "tinyuvit-blas"))
     if impl == "tinyuvit-unfused":
-        from . import kernels
         for what in WHATS:
-            s[what] = lambda k, f=s[what]: _unfused(kernels, f, k)
+            s[what] = lambda k, f=s[what]: _unfused(f, k)
     return s
 
 
-def _unfused(kernels, f, k):
-    with kernels.use(False):
+def _unfused(f, k):
+    with use_fused_kernels(False):
         return f(k)
 
 
@@ -323,7 +323,7 @@ def gpu_kernels(fn, sync, k, top=12):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(k)
         sync()
-    by_name, kernels, copies, total = defaultdict(lambda: [0, 0.0]), 0, 0, 0.0
+    by_name, launches, copies, total = defaultdict(lambda: [0, 0.0]), 0, 0, 0.0
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -331,12 +331,12 @@ def gpu_kernels(fn, sync, k, top=12):
         if e.name.startswith(("Memcpy", "Memset")):
             copies += 1
         else:
-            kernels += 1
+            launches += 1
         total += us
         by_name[e.name][0] += 1
         by_name[e.name][1] += us / 1000
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"kernels": kernels, "copies": copies, "gpu_ms": total / 1000,
+    return {"kernels": launches, "copies": copies, "gpu_ms": total / 1000,
             "top": [[name[:90], n, ms] for name, (n, ms) in ranked]}
 
 
@@ -566,7 +566,8 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
     """Time tinyuvit's training step and sampling forward for every preset and batch size.
 
     device "cpu" (NumPy) or "gpu" (CuPy); repeats / warmup default to 5 / 2 on the CPU, 20 / 5
-    on the GPU; compare None, "torch", "blas" or "unfused", or a tuple of them; tf32: TF32 matmuls on the GPU for both sides;
+    on the GPU; compare None, "torch", "blas" or "unfused", or a tuple of them; tf32: TF32
+    matmuls on the GPU for both sides;
     threads: CPU threads (default: tinyuvit's, every core); overrides: model config fields
     changed in every preset (e.g. a small dim for tests); peak_n: the size of the peak matmul;
     kernels (GPU, PyTorch installed): count and time the kernels of one call of each (`gpu_kernels`).
@@ -600,7 +601,7 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
         for batch in batches:
             spec = dict(job="measure", preset=preset, batch=batch, device=device, repeats=repeats,
                         warmup=warmup, threads=threads, tf32=bool(tf32), overrides=overrides,
-                        kernels=bool(kernels) and device == "gpu")
+                        kernels=bool(kernels))
             if device == "cpu":           # fresh processes: A, B, A, B, ...
                 measured = {impl: {what: {"rounds": []} for what in WHATS} for impl in impls}
                 for _ in range(rounds):

@@ -150,8 +150,8 @@ extern "C" __global__ void ema_update(float* e, const float* p, int n, float d) 
 _NAMES = ("layernorm_fwd", "layernorm_bwd", "softmax_fwd", "softmax_bwd", "gelu_fwd", "adamw_step",
           "ema_update")
 _module = None
-_ROWS_PER_BLOCK = 8          # 8 warps of 32 threads: 256 threads per block
-_THREADS = 256
+_THREADS = 256               # threads per block
+_ROWS_PER_BLOCK = _THREADS // 32   # row kernels: one warp of 32 threads per row
 _INT_MAX = 2 ** 31 - 1
 
 
@@ -283,7 +283,7 @@ def adamw_step(p, g, m, v, decayed, decay, b1, b2, c2, step, eps):
     """One AdamW update of the flat arrays p, m, v in place, as optim.AdamW.step does:
     decayed True / False / a boolean mask; decay = 1 - lr wd; step = lr / c1."""
     mode = 1 if decayed is True else 0 if decayed is False else 2
-    mask = decayed if mode == 2 else p
+    mask = _c(decayed) if mode == 2 else p
     grid, block = _flat_grid(p.size)
     _kernel("adamw_step")(grid, block, (p, _c(g), m, v, mask, np.int32(p.size), np.int32(mode),
                                         np.float32(decay), np.float32(b1), np.float32(b2),

@@ -311,7 +311,6 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     pixels: `compare_pixels` of the images and `real` = (uint8 images, labels) (default:
     `real_digits(requested_labels)`, as many training digits of each class as were asked for).
     """
-    from .images import to_model_range
     model = model or load_classifier()
     pixels = _as_pixels(images)
     images = _as_images(images)
@@ -323,7 +322,7 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     ref = reference or reference_stats(model, data_dir=data_dir, cache=cache, floor_n=floor_n,
                                        batch_size=batch_size, download=download)
     mu, sigma = feature_stats(feats)
-    mu_r, sigma_r = feature_stats(classifier_features(model, to_model_range(real[0]), batch_size))
+    mu_r, sigma_r = feature_stats(classifier_features(model, _as_images(real[0]), batch_size))
     right = logits.argmax(axis=1) == requested
     return dict(class_accuracy=float(right.mean()),
                 per_digit_accuracy={str(d): float(right[requested == d].mean()) for d in np.unique(requested)},
