@@ -240,3 +240,33 @@ def test_bad_picture_paths_are_refused_before_sampling(tiny_run, tmp_path, monke
         assert not (tmp_path / "e.json").exists()
     with pytest.raises(ConfigError, match="--picture"):
         tinyuvit.load(tiny_run).evaluate(per_digit=2, picture=tmp_path / "nodir" / "p.png")
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("per_digit", [1, 7, 300])
+def test_digit_labels_balanced_or_in_the_training_sets_proportions(per_digit):
+    from tinyuvit.data import load_mnist
+    from tinyuvit.evaluate import digit_labels
+    np.testing.assert_array_equal(digit_labels(per_digit), np.repeat(np.arange(10), per_digit))
+    labels = digit_labels(per_digit, "data")
+    n = 10 * per_digit
+    assert len(labels) == n and np.all(np.diff(labels) >= 0)            # as many in all, digit by digit
+    _, train_labels, _ = load_mnist("train", quiet=True)
+    share = np.bincount(train_labels, minlength=10) / len(train_labels) * n
+    counts = np.bincount(labels, minlength=10)
+    assert np.all(np.abs(counts - share) < 1)                            # each count rounds its share
+    with pytest.raises(ConfigError, match="--labels"):
+        digit_labels(per_digit, "uniform")
+
+
+@pytest.mark.usefixtures("offline")
+def test_evaluate_with_labels_data_draws_the_training_mix(tiny_run, tmp_path):
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_run), "--per-digit", "3", "--steps", "1",
+                                  "--labels", "data", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "digits in the training set's proportions" in r.output
+    out = tiny_run.parent / "eval_dpm++1_g1_data.json"            # its own default name
+    res = json.loads(out.read_text())
+    assert res["labels"] == "data" and res["n"] == 30 and res["pixels"]["real"]["n"] == 30
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_run), "--labels", "mixed"])
+    assert r.exit_code == 2 and "--labels" in r.output

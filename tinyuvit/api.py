@@ -50,9 +50,11 @@ class Run:
         return from_model_range(x)
 
     def evaluate(self, per_digit=None, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None, data_dir=None,
-                 progress=None, picture=None, **settings):
+                 progress=None, picture=None, labels="balanced", **settings):
         """Class accuracy, FID and pixel measures of `per_digit` samples of every digit (default:
         300 on a CPU, 1,000 on a GPU) -> the dict that `tinyuvit evaluate --json` writes.
+        `labels="data"`: as many samples in all, but the digits in the training set's proportions
+        (evaluate.LABELS), as the FID floor of real digits drawn at random assumes.
 
         `classifier`: a path to a classifier made by `tinyuvit train-classifier`, or a loaded
         one (default: the one shipped with tinyuvit). `data_dir`: MNIST for the FID reference and
@@ -68,7 +70,7 @@ class Run:
             classifier = load_classifier(classifier, backend=self.model.backend)
         reference = reference_stats(classifier, data_dir=data_dir)
         res = evaluate_model(self.model, self.diffusion, per_digit, how, seed, batch_size, classifier, reference,
-                             data_dir=data_dir, progress=progress, picture=picture)
+                             data_dir=data_dir, progress=progress, picture=picture, labels=labels)
         res["checkpoint_step"] = self.step
         # FID falls with the number of samples: the floor at the same n is the like-for-like bound
         res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])

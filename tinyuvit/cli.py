@@ -12,6 +12,7 @@ import sys
 import click
 
 from .diffusion import PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
+from .evaluate import LABELS
 from .errors import TinyUViTError
 from .model import INITS, PRESETS
 from .train import GPU_DEFAULTS, TrainConfig
@@ -282,6 +283,10 @@ def one_row_per_digit(images, count):
 @click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz (or its folder).")
 @click.option("--per-digit", type=int, default=None,
               help="Samples per digit. [default: 300 on cpu (3,000 in all), 1000 on gpu (10,000)]")
+@click.option("--labels", type=click.Choice(LABELS), default="balanced", show_default=True,
+              help="Which digits to draw, 10 x --per-digit in all: the same number of each, or as many of "
+                   "each as the training set holds in proportion (what the FID floor of real digits drawn "
+                   "at random assumes).")
 @sampler_options()
 @guidance_interval_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -292,14 +297,15 @@ def one_row_per_digit(images, count):
               help="A classifier from `tinyuvit train-classifier`. [default: the one shipped with tinyuvit]")
 @click.option("--data-dir", type=click.Path(), default=None, help="MNIST folder for the FID reference.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint]")
+              help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint, "
+                   "_data before .json with --labels data]")
 @click.option("--picture", "picture_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw a PNG here (e.g. pixels.png): the pixel-value histograms of samples and real "
                    "digits (log scale), the ink per digit, and samples beside real digits enlarged 4x, as "
                    "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, seed, device, batch_size, classifier, data_dir,
+def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, seed, device, batch_size, classifier, data_dir,
                  json_path, picture_path, quiet, threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
     and their pixels beside real digits.
@@ -309,7 +315,8 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
     features give the Frechet distance to the MNIST test set (FID). The floor is the FID of
     10,000 real training digits drawn at random. Real digits drawn as the samples are (as many
     of each digit) score higher, because the test set's digits are not equally common: that FID
-    is printed too, as what a perfect generator would score here.
+    is printed too, as what a perfect generator would score here. --labels data draws the digits
+    in the training set's proportions instead, so that a perfect generator would score the floor.
 
     The pixels (0..255, as in the sample PNGs) are compared with as many real training digits
     of each class: ink (sum of pixels / 255) per digit and its spread, the shares of pixels
@@ -328,15 +335,17 @@ def evaluate_cmd(ckpt, per_digit, sampler, steps, guidance, guidance_interval, s
     _set_threads(threads)
     run = load(ckpt, device)
     json_path = check_output_path(json_path or os.path.join(os.path.dirname(run.path),
-                                                            f"eval_{sampler}{steps}_g{guidance:g}.json"),
+                                                            f"eval_{sampler}{steps}_g{guidance:g}"
+                                                            f"{'' if labels == 'balanced' else '_' + labels}.json"),
                                   suffixes=(".json",), what="--json")
     if picture_path is not None:
         picture_path = check_output_path(picture_path, suffixes=(".png",), what="--picture")
     with Progress(10 * per_digit, f"sampling ({sampler}, {steps} steps)", unit="img", disable=quiet) as bar:
         res = run.evaluate(per_digit, how, seed, batch_size, classifier=classifier, data_dir=data_dir, progress=bar,
-                           picture=picture_path)
+                           picture=picture_path, labels=labels)
     click.echo(f"checkpoint       {run.path} (step {run.step})")
-    click.echo(f"samples          {res['n']} ({per_digit} per digit), {sampler} {steps} steps, "
+    mix = f"{per_digit} per digit" if labels == "balanced" else "digits in the training set's proportions"
+    click.echo(f"samples          {res['n']} ({mix}), {sampler} {steps} steps, "
                f"{how.guidance_text()}")
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
     click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
