@@ -37,8 +37,9 @@ class Autoguided:
                                self.weak.forward(x[:B], t[:B], y[:B], train=False)])
 
 
-def autoguided_sample(run, weak, labels, rng, how):
-    """run.diffusion.sample with autoguidance from the weak run: [B] labels -> x0 [B, C, H, W]."""
+def autoguided(run, weak):
+    """The model that run.diffusion.sample calls for `run` guided by `weak` (on every CPU core);
+    ConfigError unless both runs use the same diffusion."""
     from tinyuvit.parallel import on_cpu_threads
     d, w = run.diffusion, weak.diffusion
     same = (d.prediction, d.noise_schedule, d.T) == (w.prediction, w.noise_schedule, w.T) \
@@ -46,8 +47,12 @@ def autoguided_sample(run, weak, labels, rng, how):
     if not same:
         from tinyuvit.errors import ConfigError
         raise ConfigError(f"the weak run must use the same diffusion: {d} against {w}")
-    model = Autoguided(on_cpu_threads(run.model), on_cpu_threads(weak.model))
-    return d.sample(model, labels, rng, how)
+    return Autoguided(on_cpu_threads(run.model), on_cpu_threads(weak.model))
+
+
+def autoguided_sample(run, weak, labels, rng, how):
+    """run.diffusion.sample with autoguidance from the weak run: [B] labels -> x0 [B, C, H, W]."""
+    return run.diffusion.sample(autoguided(run, weak), labels, rng, how)
 
 
 def main(argv=None):
@@ -73,12 +78,12 @@ def main(argv=None):
         lo_hi = tuple(float(v) for v in args.guidance_interval.split(","))
         how = SampleConfig(steps=args.steps, guidance=args.guidance, guidance_interval=lo_hi)
         run, weak = tinyuvit.load(args.checkpoint, args.device), tinyuvit.load(args.weak, args.device)
-        labels = digit_labels(args.per_digit)
+        model, labels = autoguided(run, weak), digit_labels(args.per_digit)
         rng, xp, images = np.random.default_rng(args.seed), run.model.backend.xp, []
         with Progress(len(labels), "sampling with autoguidance", unit="img") as bar:
-            for i in range(0, len(labels), BATCH_SIZE):
+            for i in range(0, len(labels), BATCH_SIZE):     # the replicas are built once, above
                 y = xp.asarray(labels[i:i + BATCH_SIZE])
-                images.append(to_numpy(autoguided_sample(run, weak, y, rng, how)).astype(np.float32))
+                images.append(to_numpy(run.diffusion.sample(model, y, rng, how)).astype(np.float32))
                 bar.update(len(y))
         res = evaluate_images(np.concatenate(images), labels)
     except (TinyUViTError, ValueError) as e:

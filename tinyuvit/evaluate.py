@@ -77,15 +77,14 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
     how = how or SampleConfig()
     check_count("samples per digit (--per-digit)", per_digit, 2)   # a covariance needs several
     picture = check_picture(picture)
-    mix = labels
-    images, labels = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress, mix, data_dir)
-    real = real_digits(labels, data_dir=data_dir)
-    res = evaluate_images(images, labels, model=classifier, reference=reference, data_dir=data_dir, real=real)
+    images, drawn = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress, labels, data_dir)
+    real = real_digits(drawn, data_dir=data_dir)
+    res = evaluate_images(images, drawn, model=classifier, reference=reference, data_dir=data_dir, real=real)
     lo, hi = how.guidance_interval
-    res.update(labels=mix, sampler=how.sampler, steps=how.steps, guidance=how.guidance,
+    res.update(labels=labels, sampler=how.sampler, steps=how.steps, guidance=how.guidance,
                guidance_interval=[lo, hi if hi != float("inf") else None])   # JSON has no inf
     if picture is not None:
-        plot_pixels(picture, res["pixels"], from_model_range(images), labels, *real,
-                    title=f"{len(labels)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text()}) "
+        plot_pixels(picture, res["pixels"], from_model_range(images), drawn, *real,
+                    title=f"{len(drawn)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text()}) "
                           f"beside as many real digits")
     return res
