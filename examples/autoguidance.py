@@ -1,12 +1,14 @@
-"""Autoguidance: guide a run with a weaker run of the same task instead of its own null label.
+"""Autoguidance by another run, in place of the null label.
 
-Classifier-free guidance (what `tinyuvit sample` does) extrapolates away from the network's
-prediction for the null label:      out = out_c + s (out_c - out(null))
+Classifier-free guidance extrapolates away from the network's prediction for the null label:
+                                     out = out_c + s (out_c - out(null))
 Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself")
 extrapolates away from a weaker network's prediction for the same label:
                                      out = out_c + s (out_c - weak_c)
-The weak run must be of the same diffusion (schedule, T, what it predicts); a smaller or shorter
-run works, e.g. a `tinyuvit ablate --quick` run. The guidance interval applies as in `sample`.
+`tinyuvit sample` does both, the second with the run's own early EMA weights (`--weak-at`,
+`--autoguidance`). This example instead puts any weaker run of the same diffusion (schedule, T,
+what it predicts) in the null label's place, e.g. a `tinyuvit ablate --quick` run, without
+classifier-free guidance. The guidance interval applies as in `sample`.
 
     python examples/autoguidance.py --checkpoint runs/mnist-tiny --weak runs/ablate-quick/uvit \\
         --guidance 1 --per-digit 200

@@ -68,6 +68,7 @@ class Budget:
         """The TrainConfig of one run: this budget, the seed, the variant's model overrides."""
         return TrainConfig(preset=self.preset, steps=self.steps, batch_size=self.batch_size, seed=seed,
                            pos_init="normal", conv_init="uniform",      # U-ViT's own init, as the paper's study
+                           weak_at=0.0,                                 # and its sampling: no autoguidance
                            model_overrides={**self.model, **(overrides or {})}, sample_every=0,
                            eval_every=self.eval_every, eval_per_digit=self.eval_per_digit,
                            sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance)

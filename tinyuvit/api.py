@@ -25,14 +25,27 @@ from .parallel import on_cpu_threads
 class Run:
     """A trained run: `model` (UViT with the EMA or the raw weights), `diffusion` (its schedule,
     what the network predicts, its loss weighting), `config` (the run's settings as saved),
-    `step` (training steps taken) and `path` (the checkpoint)."""
+    `step` (training steps taken), `path` (the checkpoint) and `weak` (the same network with the
+    EMA weights kept early in the run, which autoguidance steers away from; None if the run kept
+    none, and then it samples without autoguidance)."""
 
-    def __init__(self, model, diffusion, config, step, path=None):
+    def __init__(self, model, diffusion, config, step, path=None, weak=None):
         self.model, self.diffusion, self.config, self.step, self.path = model, diffusion, config, step, path
+        self.weak = weak
 
     def __repr__(self):
+        weak = f", weak weights of step {self.weak_step}" if self.weak is not None else ""
         return (f"Run({self.path!r}, step {self.step}, {self.model.num_params():,} parameters, "
-                f"{self.diffusion}, on {self.model.backend})")
+                f"{self.diffusion}, on {self.model.backend}{weak})")
+
+    @property
+    def weak_step(self):
+        """The step whose EMA weights guide the samples (None: no autoguidance)."""
+        if self.weak is None:
+            return None
+        from .train import TrainConfig
+        known = {k: v for k, v in self.config.items() if k in ("steps", "weak_at")}
+        return TrainConfig(**known).weak_step()
 
     def sample(self, digits=range(10), count=10, how=None, seed=0, callback=None, progress=None, **settings):
         """`count` images of each digit in `digits` -> uint8 [len(digits) * count, 28, 28],
@@ -45,8 +58,9 @@ class Run:
         count = check_count("count (--count)", count, 1)
         check_count("seed (--seed)", seed, 0)
         labels = self.model.backend.xp.asarray(np.repeat(digits, count))
+        weak = None if self.weak is None else on_cpu_threads(self.weak)
         x = self.diffusion.sample(on_cpu_threads(self.model), labels, np.random.default_rng(seed), how,
-                                  callback=callback, progress=progress)
+                                  callback=callback, progress=progress, weak=weak)
         return from_model_range(x)
 
     def evaluate(self, per_digit=None, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None, data_dir=None,
@@ -70,7 +84,7 @@ class Run:
             classifier = load_classifier(classifier, backend=self.model.backend)
         reference = reference_stats(classifier, data_dir=data_dir)
         res = evaluate_model(self.model, self.diffusion, per_digit, how, seed, batch_size, classifier, reference,
-                             data_dir=data_dir, progress=progress, picture=picture, labels=labels)
+                             data_dir=data_dir, progress=progress, picture=picture, labels=labels, weak=self.weak)
         res["checkpoint_step"] = self.step
         # FID falls with the number of samples: the floor at the same n is the like-for-like bound
         res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])
@@ -79,7 +93,8 @@ class Run:
 
 def load(path, device="cpu", weights="ema"):
     """The run saved at `path` (a checkpoint.npz or its run folder) on `device` ("cpu" or "gpu"),
-    with its EMA weights (what samples use) or its raw trained weights (`weights="raw"`)."""
+    with its EMA weights (what samples use) or its raw trained weights (`weights="raw"`), and
+    the early EMA weights for autoguidance where the checkpoint holds them."""
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights (--weights) must be 'ema' or 'raw', got {weights!r}")
     Backend(device)   # no usable GPU: say so before reading anything
@@ -87,9 +102,12 @@ def load(path, device="cpu", weights="ema"):
     ck = load_checkpoint(path, need=(group,))
     cfg = ck["config"]
     backend = Backend(device, cfg.get("dtype", "float32"))
-    model = UViT(UViTConfig.from_dict(cfg["model"])).to(backend)
-    model.load_state_dict({k: backend.asarray(v, dtype=model.dtype) for k, v in ck[group].items()})
-    return Run(model, Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)))
+    def network(weights):
+        model = UViT(UViTConfig.from_dict(cfg["model"])).to(backend)
+        model.load_state_dict({k: backend.asarray(v, dtype=model.dtype) for k, v in weights.items()})
+        return model
+    weak = network(ck["weak"]) if ck["weak"] else None
+    return Run(network(ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak)
 
 
 def check_digits(digits):

@@ -1,7 +1,9 @@
 """Checkpoints: one `.npz` (read with allow_pickle=False), written atomically, checked when read.
 
 Keys: `param/<name>` weights, `ema/<name>` EMA weights, `opt/m.<name>` and `opt/v.<name>` AdamW
-moments, `step`, `opt_k`, and `config` (the run's configuration as a JSON string). The random
+moments, `weak/<name>` the EMA weights early in the run (for autoguidance; once the run has passed
+that step, and only in runs that keep them), `step`, `opt_k`, and `config` (the run's
+configuration as a JSON string). The random
 state is the run's seed plus the step: every step draws from a generator seeded by (seed, step),
 so (config.seed, step) restores it exactly.
 
@@ -24,8 +26,9 @@ from .files import atomic_write
 
 NAME = "checkpoint.npz"                 # a run folder's checkpoint
 RESUME = ("params", "ema", "opt")       # what resuming needs; sampling needs ("ema",) or ("params",)
-GROUPS = {"param": "params", "ema": "ema", "opt": "opt"}   # key prefix -> group
-WHAT = {"params": "weights", "ema": "EMA weights", "opt": "AdamW moments"}
+GROUPS = {"param": "params", "ema": "ema", "opt": "opt", "weak": "weak"}   # key prefix -> group
+WHAT = {"params": "weights", "ema": "EMA weights", "opt": "AdamW moments",
+        "weak": "early EMA weights (for autoguidance)"}
 NEW_RUN = "start a new run with another --out"
 
 
@@ -33,14 +36,16 @@ NEW_RUN = "start a new run with another --out"
 # Saving
 # ----------------------------------------------------------------------------------------
 
-def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config):
+def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=None):
     """Write everything needed to resume to `path`, via a temporary file and a rename.
+    `weak`: the early EMA weights for autoguidance, once the run has them (else None).
 
     A failed write (a full disk, a folder that cannot be written) is a CheckpointError that
     says which checkpoint survived: the previous file stays whole until the rename."""
     arrays = {f"param/{k}": to_numpy(v) for k, v in params.items()}
     arrays.update({f"ema/{k}": to_numpy(v) for k, v in ema.items()})
     arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_state.items()})
+    arrays.update({f"weak/{k}": to_numpy(v) for k, v in (weak or {}).items()})
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["opt_k"] = np.array(opt_k, dtype=np.int64)
     arrays["config"] = np.array(json.dumps(config, sort_keys=True))
@@ -72,13 +77,14 @@ def checkpoint_step(path):
 # ----------------------------------------------------------------------------------------
 
 def load_checkpoint(path, need=RESUME):
-    """-> dict(params, ema, opt, step, opt_k, config, path) with NumPy arrays.
+    """-> dict(params, ema, opt, weak, step, opt_k, config, path) with NumPy arrays.
 
     `path` may be a run folder (its checkpoint.npz is read). `need` names the groups of arrays
     that must be complete, with the names and shapes of the model in the config, and finite:
     RESUME (params, ema and opt) to continue training, ("ema",) or ("params",) to sample or
-    evaluate. The config is checked in every case. CheckpointError, in one line, if anything
-    is wrong.
+    evaluate. The weak weights are optional ({} where the run has none) and checked the same
+    way where present. The config is checked in every case. CheckpointError, in one line, if
+    anything is wrong.
     """
     path = _resolve(path)
     data = _read_npz(path)
@@ -86,7 +92,7 @@ def load_checkpoint(path, need=RESUME):
         if key not in data:
             raise CheckpointError(f"checkpoint {path} has no '{key}' entry: not a tinyuvit "
                                   "checkpoint (pass the checkpoint.npz of a train-mnist run)")
-    out = {"path": path, "params": {}, "ema": {}, "opt": {},
+    out = {"path": path, "params": {}, "ema": {}, "opt": {}, "weak": {},
            "step": _count(data, "step", path), "opt_k": _count(data, "opt_k", path),
            "config": _config(data["config"], path)}
     for k, v in data.items():
@@ -96,9 +102,10 @@ def load_checkpoint(path, need=RESUME):
     unknown = set(need) - set(WHAT)
     if unknown:
         raise ValueError(f"need: unknown groups {sorted(unknown)}; choose from {sorted(WHAT)}")
-    if need:
+    check = list(need) + (["weak"] if out["weak"] and "weak" not in need else [])
+    if check:
         expected = _model_shapes(out["config"]["model"])
-        for group in need:
+        for group in check:
             _check_group(out[group], group, expected, path)
     return out
 

@@ -107,6 +107,13 @@ def guidance_interval_option(fn):
                              "alone and cost half.")(fn)
 
 
+def autoguidance_option(fn):
+    return click.option("--autoguidance", type=float, default=SampleConfig.autoguidance, show_default=True,
+                        help="Autoguidance scale a: add a (out_c - weak_c) at every step, away from what the "
+                             "run's own early weights (kept at --weak-at of training) predict for the same "
+                             "digit; 0 = none. Runs saved without early weights sample without it.")(fn)
+
+
 def _set_threads(threads):
     from .backend import set_cpu_threads
     set_cpu_threads(threads)
@@ -160,6 +167,9 @@ T = TrainConfig   # the defaults below are TrainConfig's
               help="How the final 3x3 conv starts: PyTorch's uniform init as U-ViT, or the identity.")
 @click.option("--p-uncond", type=float, default=T.p_uncond, show_default=True,
               help="Probability of replacing the label by the null label (for classifier-free guidance).")
+@click.option("--weak-at", type=float, default=T.weak_at, show_default=True,
+              help="Keep the EMA weights after this fraction of the steps in the checkpoint: the weak network "
+                   "that autoguidance steers the samples away from (0 = keep none).")
 @device_option
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=T.dtype, show_default=True)
 @click.option("--seed", type=int, default=T.seed, show_default=True, help="Seed for weights, data order and noise.")
@@ -181,7 +191,8 @@ T = TrainConfig   # the defaults below are TrainConfig's
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                ema_warmup, prediction, weighting, snr_gamma, noise_schedule, pos_init, conv_init, p_uncond, device, dtype, seed, out_dir, resume,
+                ema_warmup, prediction, weighting, snr_gamma, noise_schedule, pos_init, conv_init, p_uncond, weak_at, device,
+                dtype, seed, out_dir, resume,
                 data_dir, sample_every, save_every, sampler, sample_steps, guidance, eval_every, eval_per_digit,
                 quiet, threads):
     """Train a class-conditional U-ViT on MNIST with DDPM (v or eps prediction).
@@ -196,7 +207,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
         device, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
         prediction=prediction, weighting=weighting, snr_gamma=snr_gamma, noise_schedule=noise_schedule,
-        pos_init=pos_init, conv_init=conv_init, p_uncond=p_uncond, dtype=dtype, seed=seed,
+        pos_init=pos_init, conv_init=conv_init, p_uncond=p_uncond, weak_at=weak_at, dtype=dtype, seed=seed,
         sample_every=sample_every, save_every=save_every, sampler=sampler, sample_steps=sample_steps,
         guidance=guidance, eval_every=eval_every, eval_per_digit=eval_per_digit)
     cfg.validate()
@@ -221,6 +232,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--count", type=int, default=10, show_default=True, help="Images per digit (one row each).")
 @sampler_options()
 @guidance_interval_option
+@autoguidance_option
 @click.option("--eta", type=float, default=SampleConfig.eta, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
@@ -231,15 +243,16 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, eta, seed, device, weights, out_path, gif, quiet,
-               threads):
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, eta, seed, device, weights,
+               out_path, gif, quiet, threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
     from .api import load
     from .evaluate import check_count
     from .files import check_output_path
     from .images import from_model_range, save_gif, save_grid
     from .progress import Progress
-    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta, guidance_interval=guidance_interval)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta, guidance_interval=guidance_interval,
+                       autoguidance=autoguidance)
     digits = _parse_digits(digits)     # checked here too, before the progress bar is drawn
     check_count("count (--count)", count, 1)
     check_count("seed (--seed)", seed, 0)
@@ -256,7 +269,8 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
         images = run.sample(digits, count, how, seed=seed, callback=record if gif else None, progress=bar)
     rows = one_row_per_digit(images, count)
     save_grid(rows, out_path, nrow=min(count, ROW))
-    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, {how.guidance_text()})",
+    click.echo(f"wrote {out_path} (step {run.step} checkpoint, {sampler}, {n_steps} steps, "
+               f"{how.guidance_text(run.weak is not None)})",
                err=True)
     if gif:
         frames.append(images)
@@ -289,6 +303,7 @@ def one_row_per_digit(images, count):
                    "at random assumes).")
 @sampler_options()
 @guidance_interval_option
+@autoguidance_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--batch-size", type=int, default=250, show_default=True,
@@ -298,15 +313,16 @@ def one_row_per_digit(images, count):
 @click.option("--data-dir", type=click.Path(), default=None, help="MNIST folder for the FID reference.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint, "
-                   "_data before .json with --labels data]")
+                   "with _ag<autoguidance> before .json for a run with early weights, and _data with "
+                   "--labels data]")
 @click.option("--picture", "picture_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw a PNG here (e.g. pixels.png): the pixel-value histograms of samples and real "
                    "digits (log scale), the ink per digit, and samples beside real digits enlarged 4x, as "
                    "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, seed, device, batch_size, classifier, data_dir,
-                 json_path, picture_path, quiet, threads):
+def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, autoguidance, seed, device, batch_size,
+                 classifier, data_dir, json_path, picture_path, quiet, threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
     and their pixels beside real digits.
 
@@ -328,14 +344,17 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     from .evaluate import PER_DIGIT, check_count
     from .files import atomic_write, check_output_path
     from .progress import Progress
-    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, guidance_interval=guidance_interval)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, guidance_interval=guidance_interval,
+                       autoguidance=autoguidance)
     per_digit = check_count("samples per digit (--per-digit)", PER_DIGIT[device] if per_digit is None else per_digit, 2)
     check_count("batch size (--batch-size)", batch_size, 1)
     check_count("seed (--seed)", seed, 0)
     _set_threads(threads)
     run = load(ckpt, device)
+    autoguided = run.weak is not None and autoguidance
     json_path = check_output_path(json_path or os.path.join(os.path.dirname(run.path),
                                                             f"eval_{sampler}{steps}_g{guidance:g}"
+                                                            f"{f'_ag{autoguidance:g}' if autoguided else ''}"
                                                             f"{'' if labels == 'balanced' else '_' + labels}.json"),
                                   suffixes=(".json",), what="--json")
     if picture_path is not None:
@@ -346,7 +365,8 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     click.echo(f"checkpoint       {run.path} (step {run.step})")
     mix = f"{per_digit} per digit" if labels == "balanced" else "digits in the training set's proportions"
     click.echo(f"samples          {res['n']} ({mix}), {sampler} {steps} steps, "
-               f"{how.guidance_text()}")
+               f"{how.guidance_text(run.weak is not None)}"
+               + (f" (the step-{run.weak_step} weights)" if autoguided else ""))
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
     click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
     click.echo(f"FID              {res['fid']:.3f}")

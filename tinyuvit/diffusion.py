@@ -115,7 +115,8 @@ def _finite(v):
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping."""
+    """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping,
+    and the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`)."""
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
     steps: int = 20            # ddpm always takes all T steps
     guidance: float = 1.0      # eps = eps_c + s (eps_c - eps_u); 0 = none
@@ -125,6 +126,10 @@ class SampleConfig:
     # steps (sigma > 6: t > 596 of the linear schedule), where guidance made the digits thicker
     # and less varied (README, "Closer to real digits"); (0, inf) = every step
     guidance_interval: tuple = (0.0, 6.0)
+    # autoguidance (Karras et al. 2024): + a (out_c - weak_c) at every step, where weak is the
+    # same run's EMA early in training (train.TrainConfig.weak_at); 0 = none. A run saved
+    # without weak weights samples as if a = 0.
+    autoguidance: float = 1.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -133,6 +138,9 @@ class SampleConfig:
             raise ConfigError(f"sampler steps (--steps) must be a whole number >= 1, got {self.steps!r}")
         if not _finite(self.guidance) or self.guidance < 0:
             raise ConfigError(f"guidance (--guidance) must be a finite number >= 0 (0 = none), got {self.guidance!r}")
+        if not _finite(self.autoguidance) or self.autoguidance < 0:
+            raise ConfigError(f"autoguidance (--autoguidance) must be a finite number >= 0 (0 = none), "
+                              f"got {self.autoguidance!r}")
         if not _finite(self.eta) or not 0 <= self.eta <= 1:
             raise ConfigError(f"eta (--eta) must lie in [0, 1], got {self.eta!r}")
         lo_hi = self.guidance_interval
@@ -143,10 +151,12 @@ class SampleConfig:
                               f"(sigma; HI may be inf), e.g. 0,6, got {lo_hi!r}")
         object.__setattr__(self, "guidance_interval", (float(lo_hi[0]), float(lo_hi[1])))
 
-    def guidance_text(self):
-        """'guidance s at noise levels lo..hi', as the commands print it."""
+    def guidance_text(self, weak=False):
+        """'guidance s at noise levels lo..hi' (and the autoguidance, if the run has weak
+        weights), as the commands print it."""
         lo, hi = self.guidance_interval
-        return f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
+        text = f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
+        return text + (f", autoguidance {self.autoguidance:g}" if weak and self.autoguidance else "")
 
     def guidance_at(self, abar):
         """The guidance scale at a step whose x_t has signal level abar: s where the noise level
@@ -242,11 +252,12 @@ class Diffusion:
             eps = (x - sa * x0) * (1.0 / s1)
         return x0, eps
 
-    def sample(self, model, labels, rng, how=None, callback=None, progress=None):
+    def sample(self, model, labels, rng, how=None, callback=None, progress=None, weak=None):
         """Draw images for `labels` ([B] ints on the model's backend) -> x0 [B, C, H, W].
 
         `how` is a SampleConfig (default: SampleConfig()): "ddpm" (ancestral, all T steps),
         "ddim" (any number of steps, eta = 0 deterministic) or "dpm++" (DPM-Solver++(2M)).
+        `weak`: the same network with the run's early weights, for autoguidance (None: none).
         `callback(i, x_t, x0_pred)` sees every step (for GIFs); `progress` gets `.update(1)`.
         """
         how = how or SampleConfig()
@@ -263,7 +274,8 @@ class Diffusion:
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
             a, a_next = float(sched.abar(t)), float(sched.abar(t_next))
-            out = guided_output(model, x, t, labels, how.guidance_at(a), cfg.num_classes)
+            out = guided_output(model, x, t, labels, how.guidance_at(a), cfg.num_classes,
+                                weak, how.autoguidance)
             x0, eps = self.x0_and_eps(x, out, a, how.clip)
             if how.sampler == "ddpm":
                 x = _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
@@ -301,18 +313,28 @@ def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
     return x0_weight / (snr if prediction == "eps" else snr + 1.0)
 
 
-def guided_output(model, x, t, y, guidance, null_label):
-    """out = out_c + s (out_c - out_u); one forward on the doubled batch when s != 0.
-    (For a v network this is the same guidance as on eps: eps is affine in v at fixed x_t.)"""
+def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=0.0):
+    """out = out_c + s (out_c - out_u) + a (out_c - weak_c); one forward on the doubled batch
+    when s != 0, and one of the weak network when a != 0 (and there is one).
+
+    Classifier-free guidance (s) moves away from the null label's prediction, towards the digit
+    asked for; autoguidance (a; Karras et al. 2024) moves away from what a worse network of the
+    same run predicts for the same digit, towards better drawn digits, without the loss of
+    variety that guidance toward the label brings. (For a v network both are the same guidance
+    as on eps: eps is affine in v at fixed x_t.)"""
     xp = xp_of(x)
     B = x.shape[0]
     tt = xp.full((B,), int(t), dtype=np.int64)
     if guidance == 0:
-        return model.forward(x, tt, y, train=False)                  # no backward: keep no caches
-    both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
-                         xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
-    out_c, out_u = both[:B], both[B:]
-    return out_c + guidance * (out_c - out_u)
+        out = out_c = model.forward(x, tt, y, train=False)           # no backward: keep no caches
+    else:
+        both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
+                             xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
+        out_c, out_u = both[:B], both[B:]
+        out = out_c + guidance * (out_c - out_u)
+    if weak is not None and autoguidance:
+        out = out + autoguidance * (out_c - weak.forward(x, tt, y, train=False))
+    return out
 
 
 def _ddpm_step(x, x0, t, schedule, rng, xp, dtype):

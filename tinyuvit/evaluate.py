@@ -43,19 +43,21 @@ def digit_labels(per_digit, labels="balanced", data_dir=None):
 
 
 def sample_digits(model, diffusion, per_digit, how=None, seed=0, batch_size=BATCH_SIZE, progress=None,
-                  labels="balanced", data_dir=None):
+                  labels="balanced", data_dir=None, weak=None):
     """10 * per_digit samples, digit by digit as `digit_labels(per_digit, labels)` asks
-    -> (images float32 [10 n, 1, 28, 28] on the host, labels)."""
+    (`weak`: the run's early network, for autoguidance) -> (images float32 [10 n, 1, 28, 28]
+    on the host, labels)."""
     check_count("samples per digit (--per-digit)", per_digit, 1)
     check_count("batch size (--batch-size)", batch_size, 1)
     xp = model.backend.xp
     model = on_cpu_threads(model)  # every CPU core samples its share of each batch
+    weak = None if weak is None else on_cpu_threads(weak)
     labels = digit_labels(per_digit, labels, data_dir)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(0, len(labels), batch_size):
         y = xp.asarray(labels[i:i + batch_size])
-        out.append(to_numpy(diffusion.sample(model, y, rng, how)).astype(np.float32))
+        out.append(to_numpy(diffusion.sample(model, y, rng, how, weak=weak)).astype(np.float32))
         if progress is not None:
             progress.update(len(y))
     return np.concatenate(out), labels
@@ -68,23 +70,26 @@ def check_picture(path):
 
 
 def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None,
-                   reference=None, data_dir=None, progress=None, picture=None, labels="balanced"):
+                   reference=None, data_dir=None, progress=None, picture=None, labels="balanced", weak=None):
     """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels, sampler, steps, guidance,
-    guidance_interval, labels); `labels`: which digits to draw (LABELS);
+    guidance_interval, autoguidance, labels); `labels`: which digits to draw (LABELS); `weak`:
+    the run's early network, for autoguidance (None: none, and autoguidance is reported as 0);
     `picture`: also draw the pixels of the samples beside real digits there (a PNG, images.plot_pixels)."""
     from .images import from_model_range, plot_pixels
     from .metrics import evaluate_images, real_digits
     how = how or SampleConfig()
     check_count("samples per digit (--per-digit)", per_digit, 2)   # a covariance needs several
     picture = check_picture(picture)
-    images, drawn = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress, labels, data_dir)
+    images, drawn = sample_digits(model, diffusion, per_digit, how, seed, batch_size, progress, labels, data_dir,
+                                  weak)
     real = real_digits(drawn, data_dir=data_dir)
     res = evaluate_images(images, drawn, model=classifier, reference=reference, data_dir=data_dir, real=real)
     lo, hi = how.guidance_interval
     res.update(labels=labels, sampler=how.sampler, steps=how.steps, guidance=how.guidance,
-               guidance_interval=[lo, hi if hi != float("inf") else None])   # JSON has no inf
+               guidance_interval=[lo, hi if hi != float("inf") else None],   # JSON has no inf
+               autoguidance=how.autoguidance if weak is not None else 0.0)
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), drawn, *real,
-                    title=f"{len(drawn)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text()}) "
+                    title=f"{len(drawn)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text(weak is not None)}) "
                           f"beside as many real digits")
     return res

@@ -64,6 +64,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay min(ema_decay, (1+k)/(10+k)) at step k
+    # keep the EMA weights after this fraction of the steps as the weak network that guides the
+    # final one (autoguidance, SampleConfig.autoguidance); 0 = keep none. 0.3: step 1,950 of 6,500
+    weak_at: float = 0.3
     prediction: str = Diffusion.prediction
     weighting: str = Diffusion.weighting
     snr_gamma: float = Diffusion.snr_gamma
@@ -85,7 +88,7 @@ class TrainConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE = ("steps", "sample_every", "save_every", "sampler", "sample_steps", "guidance",
+    RESUMABLE = ("steps", "weak_at", "sample_every", "save_every", "sampler", "sample_steps", "guidance",
                  "eval_every", "eval_per_digit")
 
     @classmethod
@@ -118,6 +121,8 @@ class TrainConfig:
              f"gradient clip (--grad-clip) must be a finite number >= 0 (0 = off), got {self.grad_clip!r}"),
             (real(self.ema_decay) and 0 <= self.ema_decay < 1,
              f"EMA decay (--ema-decay) must lie in [0, 1), got {self.ema_decay!r}"),
+            (real(self.weak_at) and 0 <= self.weak_at < 1,
+             f"--weak-at must lie in [0, 1) (a fraction of the steps; 0 = no autoguidance), got {self.weak_at!r}"),
             (real(self.p_uncond) and 0 <= self.p_uncond < 1,
              f"label dropout (--p-uncond) must lie in [0, 1), got {self.p_uncond!r}"),
             (whole(self.seed, 0), f"seed (--seed) must be a whole number >= 0, got {self.seed!r}"),
@@ -144,6 +149,10 @@ class TrainConfig:
         return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma,
                          noise_schedule=self.noise_schedule)
 
+    def weak_step(self):
+        """The step after which the EMA weights are kept for autoguidance (None: never)."""
+        return max(1, round(self.weak_at * self.steps)) if self.weak_at else None
+
     def sample_config(self) -> SampleConfig:
         """How the run's sample grids are drawn."""
         return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance)
@@ -155,7 +164,7 @@ class TrainConfig:
 
 
 # TrainConfig fields added after runs were saved, with what those runs did before they existed
-FIELDS_ADDED = dict(noise_schedule="linear", pos_init="normal", conv_init="uniform")
+FIELDS_ADDED = dict(noise_schedule="linear", pos_init="normal", conv_init="uniform", weak_at=0.0)
 
 
 def saved_with_defaults(saved):
@@ -206,14 +215,14 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
     run_cfg = dict(cfg.to_dict(), data=data_id)
     run = RunFolder(out_dir)
     with run.open(resume):
-        model, flat, opt, ema, start = _start_or_resume(run, run_cfg, cfg, backend, resume, log)
+        model, flat, opt, ema, weak, start = _start_or_resume(run, run_cfg, cfg, backend, resume, log)
         run.start_metrics(start)
         params = flat.params                                # {name: view into flat.data}
         ema_model = make_model(run_cfg["model"], backend)
         ema_model.load_state_dict(ema.shadow)              # shares the EMA arrays: always current
         net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)  # every CPU core: a share
         diffusion, null_label, xp = cfg.diffusion(), model.cfg.num_classes, backend.xp
-        save = lambda step: run.save(step, params, ema, opt, run_cfg)
+        save = lambda step: run.save(step, params, ema, opt, run_cfg, weak.weights)
         evaluator = _Evaluator(cfg, run, backend, data_dir) if cfg.eval_every else None
         bar = Progress(cfg.steps, "train", unit="step", initial=start, disable=not progress)
         t0, smooth, done = time.perf_counter(), None, start
@@ -236,20 +245,22 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 ema.update(flat, step)
 
                 done = step + 1
+                if done == cfg.weak_step() and not weak.weights:
+                    weak.keep(ema.shadow)                       # the early EMA, for autoguidance
                 smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
                 run.log_step(done, loss, lr, gnorm, time.perf_counter() - t0)
                 bar.update(1, loss=f"{smooth:.4f}", **{"img/s": f"{bar.rate() * cfg.batch_size:.0f}"})
                 if done < cfg.steps:
-                    _every(done, cfg, run, save, ema_net, diffusion, evaluator, log)
+                    _every(done, cfg, run, save, ema_net, diffusion, evaluator, log, weak.net)
         save(done)
         if stop.name:
             log(f"stopped by {stop.name} at step {done}; saved {run.checkpoint}. Continue with --resume")
             return {"step": done, "stopped": stop.name, "checkpoint": run.checkpoint}
         run.plot_loss(cfg)
         if start < cfg.steps or not os.path.exists(run.grid):
-            preview_grid(ema_net, diffusion, cfg.sample_config(), run.grid)
+            preview_grid(ema_net, diffusion, cfg.sample_config(), run.grid, weak=weak.net)
         if evaluator and start < cfg.steps:
-            evaluator(ema_net, diffusion, done, log)
+            evaluator(ema_net, diffusion, done, log, weak.net)
     wall = time.perf_counter() - t0
     last = [r["loss"] for r in run.rows[-100:]]
     log(f"done: {done} steps in {wall / 60:.1f} min; samples {run.grid}; checkpoint {run.checkpoint}")
@@ -258,15 +269,16 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
             "final_loss_mean100": float(np.mean(last)) if last else None}
 
 
-def _every(step, cfg, run, save, ema_net, diffusion, evaluator, log):
+def _every(step, cfg, run, save, ema_net, diffusion, evaluator, log, weak_net):
     """What happens at intervals after a step: save, draw a grid and the loss plot, evaluate."""
     if cfg.save_every and step % cfg.save_every == 0:
         save(step)
     if cfg.sample_every and step % cfg.sample_every == 0:
-        preview_grid(ema_net, diffusion, cfg.sample_config(), os.path.join(run.path, "samples", f"step_{step:06d}.png"))
+        preview_grid(ema_net, diffusion, cfg.sample_config(), os.path.join(run.path, "samples", f"step_{step:06d}.png"),
+                     weak=weak_net)
         run.plot_loss(cfg)
     if evaluator and step % cfg.eval_every == 0:
-        evaluator(ema_net, diffusion, step, log)
+        evaluator(ema_net, diffusion, step, log, weak_net)
 
 
 def _check_finite(loss, gnorm, step, run):
@@ -296,16 +308,17 @@ def _training_data(backend, images, labels, data_dir, progress, log):
 
 
 def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
-    """(model, its FlatParams, AdamW, EMA, first step): fresh from the seed, or as the run's
-    checkpoint left them."""
+    """(model, its FlatParams, AdamW, EMA, WeakWeights, first step): fresh from the seed, or as
+    the run's checkpoint left them."""
     model = make_model(run_cfg["model"], backend, seed=cfg.seed)
     flat = FlatParams(model)            # every parameter a view into one buffer (tinyuvit.optim)
     params = flat.params
     opt = AdamW(flat, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = EMA(flat, cfg.ema_decay, cfg.ema_warmup)
+    weak = WeakWeights(run_cfg["model"], backend)
     if not resume:
         run.write_config(run_cfg)
-        return model, flat, opt, ema, 0
+        return model, flat, opt, ema, weak, 0
     ck = load_checkpoint(run.checkpoint, need=("params", "ema", "opt"))
     saved = saved_with_defaults(ck["config"])
     diffs = config_differences(saved, run_cfg, ignore=TrainConfig.RESUMABLE + ("data",))
@@ -321,6 +334,8 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
         params[name][...] = backend.asarray(ck["params"][name])
         ema.shadow[name][...] = backend.asarray(ck["ema"][name])
     opt.load_state({k: backend.asarray(v) for k, v in ck["opt"].items()}, ck["opt_k"])
+    if ck["weak"]:
+        weak.keep({k: backend.asarray(v) for k, v in ck["weak"].items()})
     start = run.saved_step = ck["step"]
     log(f"resuming from step {start} of {run.checkpoint}")
     if cfg.lr_schedule == "cosine" and saved["steps"] != cfg.steps:
@@ -328,7 +343,21 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
     if start >= cfg.steps:
         log(f"the run already has {start} steps (asked for {cfg.steps}); nothing to train")
     run.write_config(run_cfg)
-    return model, flat, opt, ema, start
+    return model, flat, opt, ema, weak, start
+
+
+class WeakWeights:
+    """The EMA weights kept early in the run (`weights`, {} until then) and the network that
+    holds them (`net`, None until then): the weak network of autoguidance."""
+
+    def __init__(self, model_cfg, backend):
+        self.model_cfg, self.backend, self.weights, self.net = model_cfg, backend, {}, None
+
+    def keep(self, weights):
+        self.weights = {k: v.copy() for k, v in weights.items()}
+        model = make_model(self.model_cfg, self.backend)
+        model.load_state_dict(self.weights)
+        self.net = on_cpu_threads(model)
 
 
 class RunFolder:
@@ -386,7 +415,7 @@ class RunFolder:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
 
-    def save(self, step, params, ema, opt, run_cfg):
+    def save(self, step, params, ema, opt, run_cfg, weak=None):
         """Save a checkpoint, unless the weights are no longer finite (then stop, keeping the last)."""
         if step == self.saved_step:
             return
@@ -399,7 +428,7 @@ class RunFolder:
             self._file.flush()
             os.fsync(self._file.fileno())
         save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
-                        step=step, config=run_cfg)   # CheckpointError on a full disk: the old one is kept
+                        step=step, config=run_cfg, weak=weak)   # CheckpointError on a full disk: the old one is kept
         self.saved_step = step
 
     def plot_loss(self, cfg):
@@ -426,10 +455,11 @@ def _read_jsonl(path):
     return rows
 
 
-def preview_grid(model, diffusion, how, path, seed=1234):
-    """A 10x10 grid, one row per digit, drawn with fixed noise so grids compare across steps."""
+def preview_grid(model, diffusion, how, path, seed=1234, weak=None):
+    """A 10x10 grid, one row per digit, drawn with fixed noise so grids compare across steps
+    (with autoguidance once the run has kept its weak weights)."""
     labels = model.backend.xp.asarray(np.repeat(np.arange(10), 10))
-    x = diffusion.sample(model, labels, np.random.default_rng(seed), how)
+    x = diffusion.sample(model, labels, np.random.default_rng(seed), how, weak=weak)
     save_grid(to_numpy(x), path, nrow=10)
 
 
@@ -473,11 +503,11 @@ class _Evaluator:
         self.reference = reference_stats(self.classifier, data_dir=data_dir)
         self.rows = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= (run.saved_step or 0)]
 
-    def __call__(self, model, diffusion, step, log):
+    def __call__(self, model, diffusion, step, log, weak=None):
         from .evaluate import evaluate_model
         c = self.cfg
         res = evaluate_model(model, diffusion, c.eval_per_digit, c.sample_config(), classifier=self.classifier,
-                             reference=self.reference, data_dir=self.data_dir)
+                             reference=self.reference, data_dir=self.data_dir, weak=weak)
         self.rows.append(dict(step=step, **res))
         atomic_write(self.path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.rows))
         steps = [r["step"] for r in self.rows]
