@@ -75,7 +75,7 @@ def test_a_run_keeps_the_ema_of_its_weak_step_and_keeps_it_through_a_resume(tmp_
     early = _train(tmp_path / "two", 2, weak_at=0)
     assert early["weak"] == {}
     full = _train(tmp_path / "four", 4, weak_at=0.5)
-    assert set(full["weak"]) == set(full["ema"])
+    assert set(full["weak"]) == set(full["ema"]) and full["weak_step"] == 2
     for name, w in full["weak"].items():
         np.testing.assert_array_equal(w, early["ema"][name])
     assert any(not np.array_equal(full["weak"][k], full["ema"][k]) for k in full["ema"])
@@ -84,6 +84,7 @@ def test_a_run_keeps_the_ema_of_its_weak_step_and_keeps_it_through_a_resume(tmp_
     _train(tmp_path / "r", 3, weak_at=0.5)                  # keeps the EMA after round(1.5) = 2 steps
     kept = load_checkpoint(tmp_path / "r")["weak"]
     resumed = _train(tmp_path / "r", 8, resume=True, weak_at=0.5)
+    assert resumed["weak_step"] == 2                        # not round(0.5 * 8)
     for name, w in kept.items():
         np.testing.assert_array_equal(resumed["weak"][name], w)
     np.testing.assert_array_equal(kept["decoder_pred.W"], early["ema"]["decoder_pred.W"])
@@ -115,9 +116,13 @@ def test_damaged_weak_weights_are_refused_in_one_line(tmp_path):
     ck = _train(tmp_path / "run", 4, weak_at=0.5)
     weak = dict(ck["weak"], **{"decoder_pred.W": np.zeros((3, 3), np.float32)})
     save_checkpoint(tmp_path / "bad.npz", params=ck["params"], ema=ck["ema"], opt_state=ck["opt"],
-                    opt_k=ck["opt_k"], step=ck["step"], config=ck["config"], weak=weak)
+                    opt_k=ck["opt_k"], step=ck["step"], config=ck["config"], weak=weak, weak_step=2)
     with pytest.raises(CheckpointError, match="early EMA weights .* decoder_pred.W has shape"):
         tinyuvit.load(tmp_path / "bad.npz")
+    with np.load(tmp_path / "run" / "checkpoint.npz") as z:                 # an edited file
+        np.savez(tmp_path / "nostep.npz", **{k: z[k] for k in z.files if k != "weak_step"})
+    with pytest.raises(CheckpointError, match="no 'weak_step' entry"):
+        tinyuvit.load(tmp_path / "nostep.npz")
 
 
 def test_the_command_line_takes_autoguidance_and_names_it(tmp_path):

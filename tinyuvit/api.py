@@ -29,29 +29,21 @@ class Run:
     EMA weights kept early in the run, which autoguidance steers away from; None if the run kept
     none, and then it samples without autoguidance)."""
 
-    def __init__(self, model, diffusion, config, step, path=None, weak=None):
+    def __init__(self, model, diffusion, config, step, path=None, weak=None, weak_step=None):
         self.model, self.diffusion, self.config, self.step, self.path = model, diffusion, config, step, path
-        self.weak = weak
+        self.weak, self.weak_step = weak, weak_step     # weak_step: the step of those weights
 
     def __repr__(self):
         weak = f", weak weights of step {self.weak_step}" if self.weak is not None else ""
         return (f"Run({self.path!r}, step {self.step}, {self.model.num_params():,} parameters, "
                 f"{self.diffusion}, on {self.model.backend}{weak})")
 
-    @property
-    def weak_step(self):
-        """The step whose EMA weights guide the samples (None: no autoguidance)."""
-        if self.weak is None:
-            return None
-        from .train import TrainConfig
-        known = {k: v for k, v in self.config.items() if k in ("steps", "weak_at")}
-        return TrainConfig(**known).weak_step()
-
     def sample(self, digits=range(10), count=10, how=None, seed=0, callback=None, progress=None, **settings):
         """`count` images of each digit in `digits` -> uint8 [len(digits) * count, 28, 28],
         digit by digit (the first `count` are digits[0], ...).
 
-        `how` is a SampleConfig, or pass its fields: sampler="ddim", steps=50, guidance=2, eta=0.
+        `how` is a SampleConfig, or pass its fields: sampler="ddim", steps=50, guidance=2, eta=0,
+        autoguidance=0 (none; it needs `self.weak`).
         `callback(i, x_t, x0_pred)` sees every sampler step; `progress` gets `.update(1)` per step."""
         how = _sample_config(how, settings)
         digits = check_digits(digits)
@@ -107,7 +99,8 @@ def load(path, device="cpu", weights="ema"):
         model.load_state_dict({k: backend.asarray(v, dtype=model.dtype) for k, v in weights.items()})
         return model
     weak = network(ck["weak"]) if ck["weak"] else None
-    return Run(network(ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak)
+    return Run(network(ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak,
+               ck["weak_step"])
 
 
 def check_digits(digits):

@@ -2,8 +2,8 @@
 
 Keys: `param/<name>` weights, `ema/<name>` EMA weights, `opt/m.<name>` and `opt/v.<name>` AdamW
 moments, `weak/<name>` the EMA weights early in the run (for autoguidance; once the run has passed
-that step, and only in runs that keep them), `step`, `opt_k`, and `config` (the run's
-configuration as a JSON string). The random
+that step, and only in runs that keep them) with `weak_step`, the step they are from, `step`,
+`opt_k`, and `config` (the run's configuration as a JSON string). The random
 state is the run's seed plus the step: every step draws from a generator seeded by (seed, step),
 so (config.seed, step) restores it exactly.
 
@@ -36,9 +36,10 @@ NEW_RUN = "start a new run with another --out"
 # Saving
 # ----------------------------------------------------------------------------------------
 
-def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=None):
+def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=None, weak_step=None):
     """Write everything needed to resume to `path`, via a temporary file and a rename.
-    `weak`: the early EMA weights for autoguidance, once the run has them (else None).
+    `weak`: the early EMA weights for autoguidance, once the run has them (else None), kept
+    after step `weak_step`.
 
     A failed write (a full disk, a folder that cannot be written) is a CheckpointError that
     says which checkpoint survived: the previous file stays whole until the rename."""
@@ -46,6 +47,10 @@ def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=N
     arrays.update({f"ema/{k}": to_numpy(v) for k, v in ema.items()})
     arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_state.items()})
     arrays.update({f"weak/{k}": to_numpy(v) for k, v in (weak or {}).items()})
+    if weak:
+        if weak_step is None:
+            raise ValueError("save_checkpoint: weak weights need their weak_step")
+        arrays["weak_step"] = np.array(weak_step, dtype=np.int64)
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["opt_k"] = np.array(opt_k, dtype=np.int64)
     arrays["config"] = np.array(json.dumps(config, sort_keys=True))
@@ -77,7 +82,7 @@ def checkpoint_step(path):
 # ----------------------------------------------------------------------------------------
 
 def load_checkpoint(path, need=RESUME):
-    """-> dict(params, ema, opt, weak, step, opt_k, config, path) with NumPy arrays.
+    """-> dict(params, ema, opt, weak, weak_step, step, opt_k, config, path) with NumPy arrays.
 
     `path` may be a run folder (its checkpoint.npz is read). `need` names the groups of arrays
     that must be complete, with the names and shapes of the model in the config, and finite:
@@ -92,7 +97,7 @@ def load_checkpoint(path, need=RESUME):
         if key not in data:
             raise CheckpointError(f"checkpoint {path} has no '{key}' entry: not a tinyuvit "
                                   "checkpoint (pass the checkpoint.npz of a train-mnist run)")
-    out = {"path": path, "params": {}, "ema": {}, "opt": {}, "weak": {},
+    out = {"path": path, "params": {}, "ema": {}, "opt": {}, "weak": {}, "weak_step": None,
            "step": _count(data, "step", path), "opt_k": _count(data, "opt_k", path),
            "config": _config(data["config"], path)}
     for k, v in data.items():
@@ -102,6 +107,11 @@ def load_checkpoint(path, need=RESUME):
     unknown = set(need) - set(WHAT)
     if unknown:
         raise ValueError(f"need: unknown groups {sorted(unknown)}; choose from {sorted(WHAT)}")
+    if out["weak"]:
+        if "weak_step" not in data:
+            raise CheckpointError(f"checkpoint {path} has early EMA weights but no 'weak_step' entry: the "
+                                  f"file was edited or damaged; {NEW_RUN}")
+        out["weak_step"] = _count(data, "weak_step", path)
     check = list(need) + (["weak"] if out["weak"] and "weak" not in need else [])
     if check:
         expected = _model_shapes(out["config"]["model"])

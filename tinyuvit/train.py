@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
         ema_model.load_state_dict(ema.shadow)              # shares the EMA arrays: always current
         net, ema_net = on_cpu_threads(model), on_cpu_threads(ema_model)  # every CPU core: a share
         diffusion, null_label, xp = cfg.diffusion(), model.cfg.num_classes, backend.xp
-        save = lambda step: run.save(step, params, ema, opt, run_cfg, weak.weights)
+        save = lambda step: run.save(step, params, ema, opt, run_cfg, weak)
         evaluator = _Evaluator(cfg, run, backend, data_dir) if cfg.eval_every else None
         bar = Progress(cfg.steps, "train", unit="step", initial=start, disable=not progress)
         t0, smooth, done = time.perf_counter(), None, start
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
 
                 done = step + 1
                 if done == cfg.weak_step() and not weak.weights:
-                    weak.keep(ema.shadow)                       # the early EMA, for autoguidance
+                    weak.keep(ema.shadow, done)                 # the early EMA, for autoguidance
                 smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
                 run.log_step(done, loss, lr, gnorm, time.perf_counter() - t0)
                 bar.update(1, loss=f"{smooth:.4f}", **{"img/s": f"{bar.rate() * cfg.batch_size:.0f}"})
@@ -335,7 +335,7 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
         ema.shadow[name][...] = backend.asarray(ck["ema"][name])
     opt.load_state({k: backend.asarray(v) for k, v in ck["opt"].items()}, ck["opt_k"])
     if ck["weak"]:
-        weak.keep({k: backend.asarray(v) for k, v in ck["weak"].items()})
+        weak.keep({k: backend.asarray(v) for k, v in ck["weak"].items()}, ck["weak_step"])
     start = run.saved_step = ck["step"]
     log(f"resuming from step {start} of {run.checkpoint}")
     if cfg.lr_schedule == "cosine" and saved["steps"] != cfg.steps:
@@ -347,14 +347,14 @@ def _start_or_resume(run, run_cfg, cfg, backend, resume, log):
 
 
 class WeakWeights:
-    """The EMA weights kept early in the run (`weights`, {} until then) and the network that
-    holds them (`net`, None until then): the weak network of autoguidance."""
+    """The EMA weights kept early in the run (`weights`, {} until then), after which `step`,
+    and the network that holds them (`net`, None until then): the weak network of autoguidance."""
 
     def __init__(self, model_cfg, backend):
-        self.model_cfg, self.backend, self.weights, self.net = model_cfg, backend, {}, None
+        self.model_cfg, self.backend, self.weights, self.step, self.net = model_cfg, backend, {}, None, None
 
-    def keep(self, weights):
-        self.weights = {k: v.copy() for k, v in weights.items()}
+    def keep(self, weights, step):
+        self.weights, self.step = {k: v.copy() for k, v in weights.items()}, step
         model = make_model(self.model_cfg, self.backend)
         model.load_state_dict(self.weights)
         self.net = on_cpu_threads(model)
@@ -415,7 +415,7 @@ class RunFolder:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
 
-    def save(self, step, params, ema, opt, run_cfg, weak=None):
+    def save(self, step, params, ema, opt, run_cfg, weak):
         """Save a checkpoint, unless the weights are no longer finite (then stop, keeping the last)."""
         if step == self.saved_step:
             return
@@ -428,7 +428,7 @@ class RunFolder:
             self._file.flush()
             os.fsync(self._file.fileno())
         save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
-                        step=step, config=run_cfg, weak=weak)   # CheckpointError on a full disk: the old one is kept
+                        step=step, config=run_cfg, weak=weak.weights, weak_step=weak.step)   # CheckpointError on a full disk: the old one is kept
         self.saved_step = step
 
     def plot_loss(self, cfg):
