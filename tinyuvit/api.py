@@ -18,7 +18,7 @@ from .diffusion import Diffusion, SampleConfig
 from .errors import ConfigError
 from .evaluate import BATCH_SIZE, PER_DIGIT, check_count, check_picture, evaluate_model
 from .images import from_model_range
-from .model import UViT, UViTConfig
+from .model import network_with
 from .parallel import on_cpu_threads
 
 
@@ -94,12 +94,8 @@ def load(path, device="cpu", weights="ema"):
     ck = load_checkpoint(path, need=(group,))
     cfg = ck["config"]
     backend = Backend(device, cfg.get("dtype", "float32"))
-    def network(weights):
-        model = UViT(UViTConfig.from_dict(cfg["model"])).to(backend)
-        model.load_state_dict({k: backend.asarray(v, dtype=model.dtype) for k, v in weights.items()})
-        return model
-    weak = network(ck["weak"]) if ck["weak"] else None
-    return Run(network(ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak,
+    weak = network_with(cfg["model"], backend, ck["weak"]) if ck["weak"] else None
+    return Run(network_with(cfg["model"], backend, ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak,
                ck["weak_step"])
 
 

@@ -291,3 +291,11 @@ class UViT(Module):
             dh = self.pos_embed.backward(dh)
         self.label_embed.backward(dh[:, 0])                                # the time token has no parameters
         return self.patch_embed.backward(dh[:, self.extras:])             # [B, C, H, W]
+
+
+def network_with(model_cfg: dict, backend, weights):
+    """The UViT that a saved config's "model" entry describes, on `backend`, holding `weights`
+    ({name: array}, moved there in the model's dtype): how saved weights become a network."""
+    model = UViT(UViTConfig.from_dict(model_cfg)).to(backend)
+    model.load_state_dict({k: backend.asarray(v, dtype=model.dtype) for k, v in weights.items()})
+    return model

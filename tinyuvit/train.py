@@ -34,7 +34,7 @@ from .diffusion import Diffusion, SampleConfig
 from .errors import CheckpointError, ConfigError, DivergedError, TrainingError  # noqa: F401 (TrainingError: re-exported)
 from .files import RunLock, atomic_write, remove_stale_parts
 from .images import plot_curves, save_grid
-from .model import PRESETS, UViT, UViTConfig, get_config
+from .model import PRESETS, UViT, UViTConfig, get_config, network_with
 from .optim import EMA, AdamW, FlatParams, clip_grad_norm, lr_at
 from .parallel import on_cpu_threads
 from .progress import Progress
@@ -355,9 +355,7 @@ class WeakWeights:
 
     def keep(self, weights, step):
         self.weights, self.step = {k: v.copy() for k, v in weights.items()}, step
-        model = make_model(self.model_cfg, self.backend)
-        model.load_state_dict(self.weights)
-        self.net = on_cpu_threads(model)
+        self.net = on_cpu_threads(network_with(self.model_cfg, self.backend, self.weights))
 
 
 class RunFolder:
