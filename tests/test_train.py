@@ -92,16 +92,17 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
 
 
 def test_noise_schedule_reaches_the_run_and_its_samples(tmp_path):
-    """--noise-schedule cosine is trained with, saved, and used again when the run is loaded."""
+    """--noise-schedule linear (U-ViT's; the default is cosine) is trained with, saved, and used
+    again when the run is loaded."""
     import tinyuvit
     a = tmp_path / "a"
-    r = run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, "--noise-schedule", "cosine", *FAST)
+    r = run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, "--noise-schedule", "linear", *FAST)
     assert r.exit_code == 0, r.output
     loaded = tinyuvit.load(a)
-    assert loaded.config["noise_schedule"] == "cosine" and loaded.diffusion.schedule.kind == "cosine"
+    assert loaded.config["noise_schedule"] == "linear" and loaded.diffusion.schedule.kind == "linear"
     assert loaded.sample(digits=[1], count=2, steps=3).shape == (2, 28, 28)
     r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
-    assert r.exit_code == 1 and "noise_schedule (checkpoint 'cosine', now 'linear')" in r.output
+    assert r.exit_code == 1 and "noise_schedule (checkpoint 'linear', now 'cosine')" in r.output
 
 
 def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
@@ -109,7 +110,8 @@ def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
     was trained (FIELDS_ADDED: linear, normal, uniform): it resumes with those, and only those."""
     from tinyuvit.model import INITS
     a = tmp_path / "a"
-    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, "--pos-init", "normal", *FAST).exit_code == 0
+    old = ("--pos-init", "normal", "--noise-schedule", "linear", "--conv-init", "uniform")   # as runs were then
+    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, *old, *FAST).exit_code == 0
     ck = dict(np.load(a / "checkpoint.npz"))
     config = json.loads(str(ck["config"]))
     config["model"] = {k: v for k, v in config["model"].items() if k not in INITS}
@@ -119,7 +121,7 @@ def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
     np.savez(a / "checkpoint.npz", **ck)
     r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
     assert r.exit_code == 1 and "pos_init (checkpoint 'normal', now 'sincos2d')" in r.output   # as it was trained
-    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, "--pos-init", "normal", *FAST)
+    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *old, *FAST)
     assert r.exit_code == 0, r.output
     assert load_checkpoint(a)["step"] == 3
 

@@ -70,9 +70,9 @@ class TrainConfig:
     prediction: str = Diffusion.prediction
     weighting: str = Diffusion.weighting
     snr_gamma: float = Diffusion.snr_gamma
-    noise_schedule: str = Diffusion.noise_schedule
+    noise_schedule: str = "cosine"     # abar_t of Nichol & Dhariwal (U-ViT, DDPM: "linear" betas)
     pos_init: str = "sincos2d"         # learned positions start as the 2-D sinusoidal table (U-ViT: normal)
-    conv_init: str = "uniform"         # the final conv's init (model.INITS)
+    conv_init: str = "identity"        # the final conv starts as the identity (U-ViT: "uniform"; model.INITS)
     p_uncond: float = 0.1              # label dropout to the null label (classifier-free guidance)
     T: int = Diffusion.T
     seed: int = 0
