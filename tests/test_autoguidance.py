@@ -53,9 +53,9 @@ def test_guided_by_itself_is_the_conditional_model_alone_and_a_weak_run_changes_
 
 def test_a_weak_run_of_another_diffusion_is_refused(runs, tmp_path):
     good, _ = runs
-    cosine = _run(tmp_path / "cos", steps=1, noise_schedule="cosine")
+    linear = _run(tmp_path / "lin", steps=1, noise_schedule="linear")   # the default is cosine
     with pytest.raises(ConfigError, match="same diffusion"):
-        autoguidance.autoguided_sample(good, cosine, np.array([1]), np.random.default_rng(0), SampleConfig(steps=2))
+        autoguidance.autoguided_sample(good, linear, np.array([1]), np.random.default_rng(0), SampleConfig(steps=2))
 
 
 @pytest.mark.usefixtures("offline")

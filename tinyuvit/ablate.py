@@ -62,7 +62,7 @@ class Budget:
     score_seed: int = 0             # the final score's sampling noise, the same for every run
     sampler: str = SampleConfig.sampler
     sample_steps: int = SampleConfig.steps
-    guidance: float = SampleConfig.guidance
+    guidance: float = 1.0           # U-ViT's sampling, whatever SampleConfig's default: studies stay comparable
 
     def train_config(self, seed=0, overrides=None):
         """The TrainConfig of one run: this budget, the seed, the variant's model overrides."""

@@ -189,7 +189,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     shadow = [p.detach().clone() for p in params]
     ema_decay = lambda k: ema_decay_at(k, tc.ema_decay, tc.ema_warmup)
-    schedule = Schedule(tc.T)
+    schedule = Schedule(tc.T, tc.noise_schedule)
     x0_h, y_h, xs_h = _inputs(cfg, batch)
     x0, xs, ys = (torch.from_numpy(a).to(dev) for a in (x0_h, xs_h, y_h))
     ts = torch.full((batch,), schedule.T // 2, dtype=torch.int64, device=dev)
