@@ -94,9 +94,9 @@ def load(path, device="cpu", weights="ema"):
     ck = load_checkpoint(path, need=(group,))
     cfg = ck["config"]
     backend = Backend(device, cfg.get("dtype", "float32"))
+    model = network_with(cfg["model"], backend, ck[group])
     weak = network_with(cfg["model"], backend, ck["weak"]) if ck["weak"] else None
-    return Run(network_with(cfg["model"], backend, ck[group]), Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak,
-               ck["weak_step"])
+    return Run(model, Diffusion.from_dict(cfg), cfg, ck["step"], ck.get("path", os.fspath(path)), weak, ck["weak_step"])
 
 
 def check_digits(digits):

@@ -425,8 +425,9 @@ class RunFolder:
         if self._file:
             self._file.flush()
             os.fsync(self._file.fileno())
+        # CheckpointError on a full disk: the old one is kept
         save_checkpoint(self.checkpoint, params=params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
-                        step=step, config=run_cfg, weak=weak.weights, weak_step=weak.step)   # CheckpointError on a full disk: the old one is kept
+                        step=step, config=run_cfg, weak=weak.weights, weak_step=weak.step)
         self.saved_step = step
 
     def plot_loss(self, cfg):
