@@ -213,11 +213,13 @@ def test_help_has_an_example():
 def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():
     """A study.json written before noise_schedule, pos_init and conv_init existed resumes: its
     runs trained as those fields' FIELDS_ADDED values say, which is what the study still asks for
-    (U-ViT's own init, whatever train-mnist's default); a changed field is still refused."""
+    (U-ViT's own init and the loss weight gamma = 5 the study first ran with, whatever
+    train-mnist's default); a changed field is still refused."""
     from tinyuvit.model import INITS
     budget = BUDGETS["quick"]
     recipe = ablate._recipe(budget)
     assert recipe["pos_init"] == "normal" and budget.sample_config().guidance_interval == (0.0, float("inf"))
+    assert recipe["snr_gamma"] == 5.0 != train_mod.TrainConfig().snr_gamma
     old = {k: v for k, v in recipe.items() if k not in train_mod.FIELDS_ADDED}
     old["model"] = {k: v for k, v in recipe["model"].items() if k not in INITS}
     ablate._check_same("study", train_mod.saved_with_defaults(old), recipe)
