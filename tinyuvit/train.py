@@ -69,7 +69,7 @@ class TrainConfig:
     weak_at: float = 0.3
     prediction: str = Diffusion.prediction
     weighting: str = Diffusion.weighting
-    # the cap gamma of the x0 weight. 200 keeps weight on the nearly clean steps: 40-60% less grey
+    # the cap gamma of the x0 weight. 200 keeps weight on the nearly clean steps: 41-63% less grey
     # haze, at the same FID on one seed and a little worse on another (README, "A heavier weight
     # on the clean end: --snr-gamma 200")
     snr_gamma: float = Diffusion.snr_gamma
