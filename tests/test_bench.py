@@ -1,6 +1,7 @@
 """`tinyuvit bench`: the FLOP count, result lines and JSON, the command's errors, and the PyTorch
 twin (same forward in float64, same parameter count, same training step)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,6 +106,11 @@ def test_bench_prints_one_line_per_result_and_writes_json(tmp_path):
                 "mem_bytes", "round_medians_ms", "times_ms"):
         assert key in r
     assert r["img_per_s"] == pytest.approx(2 / (r["median_ms"] / 1000))
+    if os.path.exists("/proc/self/clear_refs"):   # Linux: each step's peak, from a process of its own
+        for r in saved["results"]:
+            assert r["mem_peak_bytes"] > r["mem_bytes"] >= 0
+            assert r["mem_peak_bytes"] > 20 * 2 ** 20             # at least Python and NumPy
+        assert all("(peak " in line for line in rows)
 
 
 def test_profile_shares_add_up_to_the_step():

@@ -24,7 +24,10 @@ How:
     same threads (GPU: the same math mode, fp32 or TF32);
   - memory: the growth of resident memory (CPU) or of the memory pool's bytes in use (GPU)
     during one extra step, over what was in use just before it (parameters, optimizer state
-    and data are not counted; activations and temporaries are).
+    and data are not counted; activations and temporaries are), and the peak: on the CPU the
+    process's peak resident set during that step, in a fresh process that runs only this step
+    (Python and the libraries included: compare it between runs of the same library); on the
+    GPU the pool's most bytes in use (parameters and data included, the CUDA context not).
 
 `compare="torch"` builds the same network in PyTorch (tinyuvit/torch_uvit.py, same parameter
 count, tinyuvit's weights copied in) and does the same work: same loss, clip, AdamW, EMA, same
@@ -268,17 +271,20 @@ def _proc_kb(field):
 
 
 def _cpu_memory(fn, sync, k):
-    """Growth of the resident set during fn(k), in bytes: peak (VmHWM, reset first) minus the
-    resident set before. None where Linux's /proc does not allow it."""
+    """(growth, peak) of the resident set during fn(k), in bytes: the peak (VmHWM, reset to the
+    resident set first) minus the resident set before, and the peak itself (the whole process:
+    Python, the libraries, the model, its optimizer state and the step's arrays). (None, None)
+    where Linux's /proc does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                                   # reset the peak to the current RSS
         before = _proc_kb("VmRSS")
         fn(k)
         sync()
-        return 1024 * (_proc_kb("VmHWM") - before)
+        peak = _proc_kb("VmHWM")
+        return 1024 * (peak - before), 1024 * peak
     except OSError:
-        return None
+        return None, None
 
 
 def _gpu_memory(impl, fn, sync, k):
@@ -477,9 +483,21 @@ def _measure(impls, spec):
                 out[impl][what]["mem"], out[impl][what]["mem_peak"] = _gpu_memory(impl, s[what], s["sync"], k)
                 if spec.get("kernels"):
                     out[impl][what]["kernels"] = gpu_kernels(s[what], s["sync"], k + 1)
-            else:
-                out[impl][what]["mem"] = _cpu_memory(s[what], s["sync"], k)
+            elif spec.get("memory", True):
+                out[impl][what]["mem"], out[impl][what]["mem_peak"] = _cpu_memory(s[what], s["sync"], k)
     return out
+
+
+def _memory(impl, what, spec):
+    """{"mem", "mem_peak"}: `_cpu_memory` of one more call of `what` after the warm-up calls,
+    in a process that does nothing else (so the peak is that of this step alone)."""
+    cfg = get_config(spec["preset"], **spec.get("overrides", {}))
+    s = _setup(impl, cfg, spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
+    for k in range(spec["warmup"]):
+        s[what](k)
+    s["drop"]()
+    growth, peak = _cpu_memory(s[what], s["sync"], spec["warmup"])
+    return {"mem": growth, "mem_peak": peak}
 
 
 def _worker(spec):
@@ -493,6 +511,8 @@ def _worker(spec):
             ans["peak"] = matmul_peak("gpu")
             ans["info"] = _gpu_info(spec["impls"])
         return ans
+    if job == "memory":
+        return _memory(spec["impls"][0], spec["what"], spec)
     if job == "profile":
         cfg = get_config(spec["preset"], **spec.get("overrides", {}))
         return {"profile": profile_tinyuvit(cfg, spec["batch"], spec["device"], spec.get("threads"))}
@@ -606,10 +626,12 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
                 measured = {impl: {what: {"rounds": []} for what in WHATS} for impl in impls}
                 for _ in range(rounds):
                     for impl in impls:
-                        got = _spawn(dict(spec, impls=[impl]))["results"][impl]
+                        got = _spawn(dict(spec, impls=[impl], memory=False))["results"][impl]
                         for what in WHATS:
                             measured[impl][what]["rounds"] += got[what]["rounds"]
-                            measured[impl][what]["mem"] = got[what]["mem"]
+                for impl in impls:        # memory: each step alone in a fresh process
+                    for what in WHATS:
+                        measured[impl][what].update(_spawn(dict(spec, job="memory", impls=[impl], what=what)))
             else:                         # one process, alternating round by round
                 ans = _spawn(dict(spec, impls=impls, rounds=rounds))
                 measured, peak = ans["results"], ans["peak"]
