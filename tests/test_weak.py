@@ -57,6 +57,8 @@ def test_autoguidance_must_be_a_finite_number_at_least_0():
             SampleConfig(autoguidance=bad)
     assert "autoguidance 2" in SampleConfig(autoguidance=2).guidance_text(weak=True)
     assert "autoguidance" not in SampleConfig(autoguidance=2).guidance_text(weak=False)
+    assert SampleConfig(autoguidance=2).autoguidance_with(True) == 2      # what evaluate reports
+    assert SampleConfig(autoguidance=2).autoguidance_with(False) == 0
 
 
 def test_weak_at_sets_the_step_and_is_checked():

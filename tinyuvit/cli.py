@@ -351,7 +351,7 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     check_count("seed (--seed)", seed, 0)
     _set_threads(threads)
     run = load(ckpt, device)
-    autoguided = run.weak is not None and autoguidance
+    autoguided = how.autoguidance_with(run.weak is not None) > 0
     json_path = check_output_path(json_path or os.path.join(os.path.dirname(run.path),
                                                             f"eval_{sampler}{steps}_g{guidance:g}"
                                                             f"{f'_ag{autoguidance:g}' if autoguided else ''}"

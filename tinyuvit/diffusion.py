@@ -152,12 +152,18 @@ class SampleConfig:
                               f"(sigma; HI may be inf), e.g. 0,6, got {lo_hi!r}")
         object.__setattr__(self, "guidance_interval", (float(lo_hi[0]), float(lo_hi[1])))
 
+    def autoguidance_with(self, has_weak):
+        """The autoguidance scale that applies: a for a run with early weights, 0 for one saved
+        without them (it samples as if a = 0)."""
+        return self.autoguidance if has_weak else 0.0
+
     def guidance_text(self, weak=False):
         """'guidance s at noise levels lo..hi' (and the autoguidance, if the run has weak
         weights), as the commands print it."""
         lo, hi = self.guidance_interval
         text = f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
-        return text + (f", autoguidance {self.autoguidance:g}" if weak and self.autoguidance else "")
+        a = self.autoguidance_with(weak)
+        return text + (f", autoguidance {a:g}" if a else "")
 
     def guidance_at(self, abar):
         """The guidance scale at a step whose x_t has signal level abar: s where the noise level

@@ -87,7 +87,7 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
     lo, hi = how.guidance_interval
     res.update(labels=labels, sampler=how.sampler, steps=how.steps, guidance=how.guidance,
                guidance_interval=[lo, hi if hi != float("inf") else None],   # JSON has no inf
-               autoguidance=how.autoguidance if weak is not None else 0.0)
+               autoguidance=how.autoguidance_with(weak is not None))
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), drawn, *real,
                     title=f"{len(drawn)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text(weak is not None)}) "
