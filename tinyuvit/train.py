@@ -51,7 +51,7 @@ GPU_DEFAULTS = dict(batch_size=256, steps=5000)
 
 @dataclass
 class TrainConfig:
-    """A training run. The defaults are the CPU run: 6,500 steps of 64 images, ~24 min on 2 cores."""
+    """A training run. The defaults are the CPU run: 6,500 steps of 64 images, ~25 min on 2 cores."""
     preset: str = "tiny"
     steps: int = 6500
     batch_size: int = 64
