@@ -492,7 +492,9 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
 
     The training step is tinyuvit.train's (loss, backward, clip, AdamW, EMA); the sampling
     forward is one guided prediction (the network on the doubled batch). On the CPU every
-    measurement runs in a fresh process, alternating between what is compared.
+    measurement runs in a fresh process, alternating between what is compared. Memory: the
+    growth during one step and the peak (CPU: the peak resident set of a fresh process that
+    runs only that step, Python and the libraries included; GPU: the memory pool's peak).
 
     \b
     Examples:
