@@ -70,7 +70,7 @@ class TrainConfig:
     prediction: str = Diffusion.prediction
     weighting: str = Diffusion.weighting
     # the cap gamma of the x0 weight. 200 keeps weight on the nearly clean steps: 41-63% less grey
-    # haze, at the same FID on one seed and a little worse on another (README, "A heavier weight
+    # haze, at the same FID on one seed and a little worse on two others (README, "A heavier weight
     # on the clean end: --snr-gamma 200")
     snr_gamma: float = Diffusion.snr_gamma
     noise_schedule: str = "cosine"     # abar_t of Nichol & Dhariwal (U-ViT, DDPM: "linear" betas)
