@@ -460,8 +460,9 @@ def format_profile(prof, preset, batch, device):
 # ----------------------------------------------------------------------------------------
 
 def _measure(impls, spec):
-    """{impl: {what: {"rounds": [[seconds...] per round], "mem": bytes}}}, alternating between
-    the implementations round by round in this process."""
+    """{impl: {what: {"rounds": [[seconds...] per round]}}}, alternating between the
+    implementations round by round in this process; on a GPU also "mem", "mem_peak" (and
+    "kernels"). The CPU's memory is measured apart, by `_memory`."""
     cfg = get_config(spec["preset"], **spec.get("overrides", {}))
     setups = {impl: _setup(impl, cfg, spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
               for impl in impls}
@@ -474,22 +475,21 @@ def _measure(impls, spec):
             if len(setups) > 1:   # one process, one GPU: leave the memory to the other side
                 s["sync"]()
                 s["release"]()
+    if spec["device"] != "gpu":
+        return out
     for impl, s in setups.items():  # one more step each, watching memory
         for what in WHATS:
             s["drop"]()
             s["sync"]()
             k = spec["warmup"] + spec["repeats"]
-            if spec["device"] == "gpu":
-                out[impl][what]["mem"], out[impl][what]["mem_peak"] = _gpu_memory(impl, s[what], s["sync"], k)
-                if spec.get("kernels"):
-                    out[impl][what]["kernels"] = gpu_kernels(s[what], s["sync"], k + 1)
-            elif spec.get("memory", True):
-                out[impl][what]["mem"], out[impl][what]["mem_peak"] = _cpu_memory(s[what], s["sync"], k)
+            out[impl][what]["mem"], out[impl][what]["mem_peak"] = _gpu_memory(impl, s[what], s["sync"], k)
+            if spec.get("kernels"):
+                out[impl][what]["kernels"] = gpu_kernels(s[what], s["sync"], k + 1)
     return out
 
 
 def _memory(impl, what, spec):
-    """{"mem", "mem_peak"}: `_cpu_memory` of one more call of `what` after the warm-up calls,
+    """{"mem", "mem_peak"} (CPU): `_cpu_memory` of one more call of `what` after the warm-up calls,
     in a process that does nothing else (so the peak is that of this step alone)."""
     cfg = get_config(spec["preset"], **spec.get("overrides", {}))
     s = _setup(impl, cfg, spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
@@ -626,7 +626,7 @@ def run_bench(presets=("tiny",), batches=(64, 128), device="cpu", rounds=3, repe
                 measured = {impl: {what: {"rounds": []} for what in WHATS} for impl in impls}
                 for _ in range(rounds):
                     for impl in impls:
-                        got = _spawn(dict(spec, impls=[impl], memory=False))["results"][impl]
+                        got = _spawn(dict(spec, impls=[impl]))["results"][impl]
                         for what in WHATS:
                             measured[impl][what]["rounds"] += got[what]["rounds"]
                 for impl in impls:        # memory: each step alone in a fresh process
