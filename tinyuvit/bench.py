@@ -459,13 +459,21 @@ def format_profile(prof, preset, batch, device):
 # Workers: one measurement in a fresh process (CPU), or an A/B session in one process (GPU)
 # ----------------------------------------------------------------------------------------
 
+def _spec_config(spec):
+    """The model config a worker's job names: its preset with its overrides."""
+    return get_config(spec["preset"], **spec.get("overrides", {}))
+
+
+def _spec_setup(impl, spec):
+    """`_setup` of `impl` for the preset, batch, device, threads and math mode a job names."""
+    return _setup(impl, _spec_config(spec), spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
+
+
 def _measure(impls, spec):
     """{impl: {what: {"rounds": [[seconds...] per round]}}}, alternating between the
     implementations round by round in this process; on a GPU also "mem", "mem_peak" (and
     "kernels"). The CPU's memory is measured apart, by `_memory`."""
-    cfg = get_config(spec["preset"], **spec.get("overrides", {}))
-    setups = {impl: _setup(impl, cfg, spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
-              for impl in impls}
+    setups = {impl: _spec_setup(impl, spec) for impl in impls}
     out = {impl: {what: {"rounds": []} for what in WHATS} for impl in impls}
     for r in range(spec.get("rounds", 1)):
         for impl, s in setups.items():
@@ -491,8 +499,7 @@ def _measure(impls, spec):
 def _memory(impl, what, spec):
     """{"mem", "mem_peak"} (CPU): `_cpu_memory` of one more call of `what` after the warm-up calls,
     in a process that does nothing else (so the peak is that of this step alone)."""
-    cfg = get_config(spec["preset"], **spec.get("overrides", {}))
-    s = _setup(impl, cfg, spec["batch"], spec["device"], spec.get("threads"), spec.get("tf32"))
+    s = _spec_setup(impl, spec)
     for k in range(spec["warmup"]):
         s[what](k)
     s["drop"]()
@@ -514,8 +521,7 @@ def _worker(spec):
     if job == "memory":
         return _memory(spec["impls"][0], spec["what"], spec)
     if job == "profile":
-        cfg = get_config(spec["preset"], **spec.get("overrides", {}))
-        return {"profile": profile_tinyuvit(cfg, spec["batch"], spec["device"], spec.get("threads"))}
+        return {"profile": profile_tinyuvit(_spec_config(spec), spec["batch"], spec["device"], spec.get("threads"))}
     raise ValueError(f"unknown job {job!r}")
 
 
