@@ -29,10 +29,11 @@ def _tiny_run(folder, **kw):
     return os.path.join(folder, "checkpoint.npz")
 
 
-def test_load_gives_back_the_model_diffusion_and_config(tmp_path):
-    path = _tiny_run(tmp_path / "run", prediction="eps", weighting="min-snr")
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_load_gives_back_the_model_diffusion_and_config(tmp_path, prediction):
+    path = _tiny_run(tmp_path / "run", prediction=prediction, weighting="min-snr")
     run = tinyuvit.load(path)
-    assert run.step == 3 and run.diffusion.prediction == "eps" and run.diffusion.weighting == "min-snr"
+    assert run.step == 3 and run.diffusion.prediction == prediction and run.diffusion.weighting == "min-snr"
     assert run.config["model"]["dim"] == 16 and run.model.cfg.dim == 16
     assert tinyuvit.load(tmp_path / "run").step == 3          # the run folder works too
     raw = tinyuvit.load(path, weights="raw")

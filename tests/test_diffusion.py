@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tinyuvit.diffusion import Diffusion, SampleConfig, Schedule, guided_output
+from tinyuvit.diffusion import PREDICTIONS, Diffusion, SampleConfig, Schedule, guided_output
 from tinyuvit.errors import ConfigError
 from tinyuvit.model import UViTConfig
 
@@ -58,6 +58,14 @@ class VelocityOracle(GaussianOracle):
         return np.sqrt(a) * eps - np.sqrt(1 - a) * x0
 
 
+class CleanOracle(GaussianOracle):
+    """The same exact model, answering with the clean image x0 it implies."""
+
+    def forward(self, x, t, y, train=True):
+        a = self.schedule.abar(np.asarray(t))[:, None, None, None]
+        return (x - np.sqrt(1 - a) * super().forward(x, t, y, train)) / np.sqrt(a)
+
+
 def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
     labels = np.zeros(n, dtype=np.int64)
     how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip)
@@ -66,23 +74,26 @@ def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
-def test_v_prediction_samples_the_same_as_eps_prediction(sampler):
-    """An eps network and a v network that agree on x0 must give the same samples."""
+def test_v_and_x0_prediction_sample_the_same_as_eps_prediction(sampler):
+    """An eps, a v and an x0 network that agree on x0 must give the same samples."""
     eps_model, v_model = GaussianOracle(Schedule(), 0.3, 0.2), VelocityOracle(Schedule(), 0.3, 0.2)
+    x0_model = CleanOracle(Schedule(), 0.3, 0.2)
     for clip in (False, True):
         a = _draw(eps_model, sampler, 20, n=64, clip=clip)
         b = _draw(v_model, sampler, 20, n=64, clip=clip, prediction="v")
+        c = _draw(x0_model, sampler, 20, n=64, clip=clip, prediction="x0")
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(c, a, rtol=0, atol=1e-9)
     with pytest.raises(ConfigError, match="prediction must be"):
-        _draw(v_model, sampler, 20, prediction="x0")
+        _draw(v_model, sampler, 20, prediction="x")
 
 
 @pytest.mark.parametrize("weighting", ["min-snr", "min-snr+1"])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_loss_targets_and_weights(prediction, weighting):
     """A network that outputs the exact target has loss 0; one that is off by 1 everywhere pays
-    the weight: Min-SNR min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v; min-snr+1 puts
-    SNR + 1 in place of SNR in the numerator."""
+    the weight: Min-SNR min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v, min(SNR, g) for
+    x0; min-snr+1 puts SNR + 1 in place of SNR in the numerator."""
     sched = Schedule()
     x0 = np.random.default_rng(0).uniform(-1, 1, (64, 1, 4, 4))
     y = np.zeros(64, dtype=np.int64)
@@ -96,14 +107,14 @@ def test_loss_targets_and_weights(prediction, weighting):
             noise = r.standard_normal(x0.shape, dtype=np.float32).astype(np.float64)
             assert np.array_equal(t_, t)
             a = sched.abar(t)[:, None, None, None]
-            target = noise if prediction == "eps" else np.sqrt(a) * noise - np.sqrt(1 - a) * x0
+            target = {"eps": noise, "v": np.sqrt(a) * noise - np.sqrt(1 - a) * x0, "x0": x0}[prediction]
             return target + self.offset
 
     m = Exact()
     diffusion = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0)
 
     def loss_of(model):
-        xt, t, labels, target, w = diffusion.noisy_batch(x0, y, np.random.default_rng(7), 0.1, 3)
+        xt, t, labels, target, w, _ = diffusion.noisy_batch(x0, y, np.random.default_rng(7), 0.1, 3)
         return diffusion.loss(model.forward(xt, t, labels), target, w)
 
     loss, d = loss_of(m)
@@ -112,10 +123,57 @@ def test_loss_targets_and_weights(prediction, weighting):
     loss, _ = loss_of(m)
     a = sched.abar(np.random.default_rng(7).integers(0, sched.T, size=64))
     snr = a / (1 - a)
-    w = np.minimum(snr + (weighting == "min-snr+1"), 5.0) / (snr if prediction == "eps" else snr + 1)
+    w = np.minimum(snr + (weighting == "min-snr+1"), 5.0) / {"eps": snr, "v": snr + 1, "x0": 1}[prediction]
     assert math.isclose(loss, w.mean(), rel_tol=1e-9)
     if prediction == "v" and weighting == "min-snr+1":       # the capped v loss: min(1, g/(SNR + 1))
         assert math.isclose(loss, np.minimum(1.0, 5.0 / (snr + 1)).mean(), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("weighting", ["min-snr", "min-snr+1"])
+def test_every_prediction_pays_the_same_for_the_same_x0_error(weighting):
+    """The weightings are defined on the x0 error: three networks whose outputs imply the same
+    wrong x0 (each in its own terms: eps, v or x0) have the same loss."""
+    sched = Schedule(1000, "cosine")
+    rng = np.random.default_rng(3)
+    x0 = rng.uniform(-1, 1, (32, 1, 4, 4))
+    y = np.zeros(32, dtype=np.int64)
+    error = 0.1 * rng.standard_normal(x0.shape)          # the x0 every network gets wrong by
+    losses = []
+    for prediction in PREDICTIONS:
+        d = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0, noise_schedule="cosine")
+        xt, t, _, target, w, _ = d.noisy_batch(x0, y, np.random.default_rng(7))
+        a = sched.abar(t)[:, None, None, None]
+        x0_pred = x0 + error
+        eps_pred = (xt - np.sqrt(a) * x0_pred) / np.sqrt(1 - a)
+        out = {"eps": eps_pred, "v": np.sqrt(a) * eps_pred - np.sqrt(1 - a) * x0_pred, "x0": x0_pred}[prediction]
+        losses.append(d.loss(out, target, w)[0])
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_clip_loss_forgives_only_an_x0_beyond_a_bound_that_the_target_sits_on(prediction):
+    """With clip_loss, the loss is the weighted x0 error except where the true pixel is -1 (or 1)
+    and the predicted x0 lies below (above) it; the gradient vanishes exactly there."""
+    rng = np.random.default_rng(4)
+    x0 = rng.choice([-1.0, -0.5, 0.3, 1.0], size=(32, 1, 4, 4))   # black, grey and full-ink pixels
+    y = np.zeros(32, dtype=np.int64)
+    x0_pred = x0 + 0.2 * rng.standard_normal(x0.shape)
+    d = Diffusion(prediction=prediction, snr_gamma=5.0, noise_schedule="cosine", clip_loss=True)
+    xt, t, _, target, w, side = d.noisy_batch(x0, y, np.random.default_rng(7))
+    a = d.schedule.abar(t)[:, None, None, None]
+    eps_pred = (xt - np.sqrt(a) * x0_pred) / np.sqrt(1 - a)
+    out = {"eps": eps_pred, "v": np.sqrt(a) * eps_pred - np.sqrt(1 - a) * x0_pred, "x0": x0_pred}[prediction]
+    loss, dout = d.loss(out, target, w, side)
+    beyond = ((x0 == -1) & (x0_pred < -1)) | ((x0 == 1) & (x0_pred > 1))
+    assert 0.1 < beyond.mean() < 0.4                                 # the case occurs, not everywhere
+    x0_weight = np.minimum(a / (1 - a) + 1, 5.0)
+    expected = (x0_weight * (x0_pred - x0) ** 2 * ~beyond).mean()
+    assert math.isclose(loss, expected, rel_tol=1e-9)
+    assert np.all(dout[beyond] == 0) and np.all(dout[~beyond] != 0)
+    plain = Diffusion(prediction=prediction, snr_gamma=5.0, noise_schedule="cosine")
+    xt2, _, _, target2, w2, no_side = plain.noisy_batch(x0, y, np.random.default_rng(7))
+    assert no_side is None and np.array_equal(xt2, xt)
+    assert plain.loss(out, target2, w2)[0] > loss                   # without it every error counts
 
 
 def test_cosine_schedule():

@@ -53,7 +53,7 @@ def test_training_loss_and_sampling_equal_one_thread():
     dp = DataParallel(model, 2)
 
     def loss_of(net):
-        xt, t, yy, target, w = diffusion.noisy_batch(x, y, np.random.default_rng(3), 0.1, 3)
+        xt, t, yy, target, w, _ = diffusion.noisy_batch(x, y, np.random.default_rng(3), 0.1, 3)
         return diffusion.loss(net.forward(xt, t, yy), target, w)
 
     loss1, d1 = loss_of(model)

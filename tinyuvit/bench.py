@@ -106,8 +106,8 @@ def train_settings():
 def train_step(net, diffusion, flat, opt, ema, x0, y, rng, k, tc):
     """One training step as tinyuvit.train.train runs it: a noisy batch, forward, the weighted
     loss and its gradient, backward, clip, AdamW, EMA. Returns the loss."""
-    xt, t, yy, target, weight = diffusion.noisy_batch(x0, y, rng, tc.p_uncond, net.cfg.num_classes)
-    loss, dpred = diffusion.loss(net.forward(xt, t, yy), target, weight)
+    xt, t, yy, target, weight, side = diffusion.noisy_batch(x0, y, rng, tc.p_uncond, net.cfg.num_classes)
+    loss, dpred = diffusion.loss(net.forward(xt, t, yy), target, weight, side)
     net.backward(dpred)
     grads = flat.grad(net)
     clip_grad_norm(grads, tc.grad_clip, flat)
@@ -207,7 +207,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
         sa, s1 = col(np.sqrt(a)), col(np.sqrt(1 - a))
         w = col(loss_weight(a / (1 - a), tc.snr_gamma, tc.prediction, tc.weighting))
         pred = net(sa * x0 + s1 * noise, torch.from_numpy(t).to(dev), y)
-        target = sa * noise - s1 * x0 if tc.prediction == "v" else noise
+        target = {"v": sa * noise - s1 * x0, "eps": noise, "x0": x0}[tc.prediction]
         loss = (w * (pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -151,13 +151,16 @@ T = TrainConfig   # the defaults below are TrainConfig's
 @click.option("--ema-warmup/--no-ema-warmup", default=T.ema_warmup, show_default=True,
               help="Let the EMA decay grow as min(decay, (1+k)/(10+k)) so short runs forget the init.")
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default=T.prediction, show_default=True,
-              help="What the network predicts: the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0, or the "
-                   "noise eps (U-ViT, DDPM).")
+              help="What the network predicts: the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0, the "
+                   "noise eps (U-ViT, DDPM), or the clean image x0. The loss weights the same x0 error in each.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=T.weighting, show_default=True,
               help="Loss weight, as a weight on the error of the predicted clean image: min(SNR + 1, gamma) "
                    "(the v loss, capped) or min(SNR, gamma) (Min-SNR, which all but ignores the noisiest steps).")
 @click.option("--snr-gamma", type=float, default=T.snr_gamma, show_default=True,
               help="The cap gamma of --weighting (0 = the plain MSE of what the network predicts).")
+@click.option("--clip-loss/--no-clip-loss", default=T.clip_loss, show_default=True,
+              help="Count no error where the true pixel is black (or full ink) and the predicted x0 is "
+                   "beyond it: the sampler clips it there, so the network may draw black below black.")
 @click.option("--noise-schedule", type=click.Choice(Schedule.KINDS), default=T.noise_schedule, show_default=True,
               help="abar_t over the T steps: linear betas (DDPM, U-ViT) or cosine (Nichol & Dhariwal).")
 @click.option("--pos-init", type=click.Choice(INITS["pos_init"]), default=T.pos_init, show_default=True,
@@ -191,11 +194,11 @@ T = TrainConfig   # the defaults below are TrainConfig's
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay, grad_clip, ema_decay,
-                ema_warmup, prediction, weighting, snr_gamma, noise_schedule, pos_init, conv_init, p_uncond, weak_at, device,
+                ema_warmup, prediction, weighting, snr_gamma, clip_loss, noise_schedule, pos_init, conv_init, p_uncond, weak_at, device,
                 dtype, seed, out_dir, resume,
                 data_dir, sample_every, save_every, sampler, sample_steps, guidance, eval_every, eval_per_digit,
                 quiet, threads):
-    """Train a class-conditional U-ViT on MNIST with DDPM (v or eps prediction).
+    """Train a class-conditional U-ViT on MNIST with DDPM (v, eps or x0 prediction).
 
     Writes a run folder with config.json, metrics.jsonl, loss.png, sample grids (one row per
     digit) and checkpoint.npz. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and exits with
@@ -206,7 +209,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     cfg = TrainConfig.for_device(
         device, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
-        prediction=prediction, weighting=weighting, snr_gamma=snr_gamma, noise_schedule=noise_schedule,
+        prediction=prediction, weighting=weighting, snr_gamma=snr_gamma, clip_loss=clip_loss,
+        noise_schedule=noise_schedule,
         pos_init=pos_init, conv_init=conv_init, p_uncond=p_uncond, weak_at=weak_at, dtype=dtype, seed=seed,
         sample_every=sample_every, save_every=save_every, sampler=sampler, sample_steps=sample_steps,
         guidance=guidance, eval_every=eval_every, eval_per_digit=eval_per_digit)

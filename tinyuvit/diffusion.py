@@ -15,11 +15,15 @@ Guidance convention (as U-ViT's code): eps = eps_c + s * (eps_c - eps_u), with e
 prediction for the null label. s = 0 is the plain conditional model; s = 1 doubles the step
 away from the unconditional prediction. (In the other common convention, w = 1 + s.)
 
-What the network predicts: the noise eps (U-ViT, DDPM; `prediction="eps"`), or the velocity
-v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; `prediction="v"`). Both give the
-same x0 and eps (`Diffusion.x0_and_eps`); v is better conditioned at high noise, where an eps
-network must be very precise because x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies
-its errors by 1/sqrt(abar) (about 6x at t = 700, 150x at t = 999).
+What the network predicts: the noise eps (U-ViT, DDPM; `prediction="eps"`), the velocity
+v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; `prediction="v"`), or the clean
+image x0 itself (`prediction="x0"`). All give the same x0 and eps (`Diffusion.x0_and_eps`); v
+is better conditioned at high noise, where an eps network must be very precise because
+x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies its errors by 1/sqrt(abar) (about 6x at
+t = 700, 150x at t = 999). At the clean end it is the other way round: x0 = sqrt(abar) x_t -
+sqrt(1 - abar) v, so to remove the last of the noise a v (or eps) network must give back that
+noise itself, and whatever it misses stays in the image; an x0 network only has to draw the
+image, and a black background is a constant.
 
 Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise from the
 clipped x0, so the update stays consistent with the x0 it uses.
@@ -100,7 +104,7 @@ class Schedule:
         return np.array(ts, dtype=np.int64)
 
 
-PREDICTIONS = ("v", "eps")
+PREDICTIONS = ("v", "eps", "x0")
 WEIGHTINGS = ("min-snr+1", "min-snr")
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -190,6 +194,9 @@ class Diffusion:
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
     snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
     noise_schedule: str = "linear" # abar_t: "linear" betas (DDPM, U-ViT) or "cosine" (`Schedule`)
+    # count no error where the target pixel is at the data's bound (-1: black, 1: full ink) and
+    # the predicted x0 lies beyond it: the samplers clip x0 there, so such an x0 is exact (`loss`)
+    clip_loss: bool = False
 
     def __post_init__(self):
         if not isinstance(self.T, (int, np.integer)) or isinstance(self.T, bool) or self.T < 2:
@@ -213,7 +220,8 @@ class Diffusion:
     # --- training: a noisy batch, then the weighted loss and its gradient ----------------
 
     def noisy_batch(self, x0, y, rng, p_uncond=0.0, null_label=None):
-        """(x_t, t, y, target, weight) for clean images x0 [B, C, H, W] and labels y [B].
+        """(x_t, t, y, target, weight, side) for clean images x0 [B, C, H, W] and labels y [B];
+        `side` is for `loss` (None unless clip_loss).
 
         Draws t uniformly from all T steps, the noise, and which labels are dropped to the
         null label (probability p_uncond, for classifier-free guidance), in that order, from
@@ -228,17 +236,35 @@ class Diffusion:
         a = self.schedule.abar(t)                                                   # [B] float64
         if self.prediction == "eps":
             target = noise
+        elif self.prediction == "x0":
+            target = x0
         else:
             sa, s1 = (xp.asarray(c, dtype=x0.dtype)[:, None, None, None] for c in (np.sqrt(a), np.sqrt(1 - a)))
             target = sa * noise - s1 * x0                                           # v
         w = loss_weight(a / (1.0 - a), self.snr_gamma, self.prediction, self.weighting)
         weight = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]                 # [B, 1, 1, 1]
-        return xt, xp.asarray(t), xp.asarray(y), target, weight
+        side = None
+        if self.clip_loss:   # +-1 where x0 is at a bound, signed so that side * (pred - target) < 0
+            # means "x0_pred beyond that bound": x0_pred - x0 is +(pred - target) for an x0 network
+            # and -sqrt(1 - abar) (v - v_true) or -sqrt((1 - abar)/abar) (eps - eps_true) otherwise
+            bound = (x0 >= 1.0).astype(x0.dtype) - (x0 <= -1.0).astype(x0.dtype)    # [B, C, H, W]
+            side = -bound if self.prediction == "x0" else bound
+        return xt, xp.asarray(t), xp.asarray(y), target, weight, side
 
     @staticmethod
-    def loss(pred, target, weight):
-        """(L, dL/dpred) for L = mean(w (pred - target)^2), the mean over every pixel."""
+    def loss(pred, target, weight, side=None):
+        """(L, dL/dpred) for L = mean(w (pred - target)^2), the mean over every pixel.
+
+        With `side` (clip_loss): no error where side * (pred - target) < 0, i.e. where the
+        target is black (or full ink) and the predicted x0 is blacker still. The samplers clip
+        such an x0 to the bound, so it costs nothing; the network may put a black background
+        anywhere below -1 instead of exactly at it, which it can only do to within its precision
+        (a grey haze of 1..4 levels otherwise). Where the true x0 is not black, or where x0_pred
+        is above it, the error counts as before, so the optimum is still the mean E[x0 | x_t]
+        wherever that lies inside (-1, 1)."""
         diff = pred - target
+        if side is not None:
+            diff = diff * (side * diff >= 0)
         loss = float((weight * diff * diff).mean())
         dpred = (weight * diff) * (2.0 / diff.size)
         return loss, dpred
@@ -251,6 +277,9 @@ class Diffusion:
         sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
         if self.prediction == "v":   # x_t = sa x0 + s1 eps and v = sa eps - s1 x0, sa^2 + s1^2 = 1
             x0, eps = sa * x - s1 * out, s1 * x + sa * out
+        elif self.prediction == "x0":
+            x0 = out
+            eps = (x - sa * x0) * (1.0 / s1)
         else:
             eps = out
             x0 = (x - s1 * eps) * (1.0 / sa)
@@ -299,7 +328,7 @@ class Diffusion:
 
 
 def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
-    """The weight of each image's MSE of eps (or v) at signal-to-noise ratio SNR = abar/(1 - abar).
+    """The weight of each image's MSE of eps, v or x0 at signal-to-noise ratio SNR = abar/(1 - abar).
 
     Any such loss is a weighted error of the predicted clean image x0: the plain eps MSE is
     SNR |x0_pred - x0|^2 and the plain v MSE is (SNR + 1) |x0_pred - x0|^2. Both count nearly
@@ -312,12 +341,14 @@ def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
                                          Noisy timesteps, where the digit's shape is decided,
                                          keep weight 1. Meant for v: on the eps loss it is
                                          min(SNR + 1, gamma)/SNR, ~1/SNR at high noise.
-    snr_gamma = 0: no weighting, the plain mean (Ho et al.).
+    An x0 network's MSE is the x0 error itself, so its weight is the x0 weight: the same
+    weighting costs every prediction type the same for the same x0.
+    snr_gamma = 0: no weighting, the plain mean (Ho et al.) of whatever the network predicts.
     """
     if not snr_gamma:
         return np.ones_like(snr)
     x0_weight = np.minimum(snr + (1.0 if weighting == "min-snr+1" else 0.0), snr_gamma)
-    return x0_weight / (snr if prediction == "eps" else snr + 1.0)
+    return x0_weight / {"eps": snr, "v": snr + 1.0, "x0": 1.0}[prediction]
 
 
 def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=0.0):

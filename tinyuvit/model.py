@@ -16,7 +16,7 @@ The network, in the order the data flows (shapes for the `tiny` preset on MNIST)
       -> norm, decoder   LayerNorm, Linear D -> p*p*C   [B, 51, 16]
       -> drop extras     keep the patch tokens          [B, 49, 16]
       -> unpatchify                                     [B, 1, 28, 28]
-      -> final conv      3x3, padding 1                 [B, 1, 28, 28]  = the prediction (v or eps)
+      -> final conv      3x3, padding 1                 [B, 1, 28, 28]  = the prediction (v, eps or x0)
 
 `forward(x, t, y, train=False)` is the inference path (sampling): no layer keeps anything for
 backward. The shapes above are printed from the real modules by examples/walk_uvit.py.

@@ -73,6 +73,7 @@ class TrainConfig:
     # haze, at the same FID on one seed and a little worse on two others (README, "A heavier weight
     # on the clean end: --snr-gamma 200")
     snr_gamma: float = Diffusion.snr_gamma
+    clip_loss: bool = Diffusion.clip_loss
     noise_schedule: str = "cosine"     # abar_t of Nichol & Dhariwal (U-ViT, DDPM: "linear" betas)
     pos_init: str = "sincos2d"         # learned positions start as the 2-D sinusoidal table (U-ViT: normal)
     conv_init: str = "identity"        # the final conv starts as the identity (U-ViT: "uniform"; model.INITS)
@@ -150,7 +151,7 @@ class TrainConfig:
 
     def diffusion(self) -> Diffusion:
         return Diffusion(T=self.T, prediction=self.prediction, weighting=self.weighting, snr_gamma=self.snr_gamma,
-                         noise_schedule=self.noise_schedule)
+                         noise_schedule=self.noise_schedule, clip_loss=self.clip_loss)
 
     def weak_step(self):
         """The step after which the EMA weights are kept for autoguidance (None: never)."""
@@ -235,10 +236,10 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                     break
                 idx = batch_indices(cfg.seed, step, cfg.batch_size, len(y_all))
                 rng = step_rng(cfg.seed, step)
-                xt, t, y, target, weight = diffusion.noisy_batch(x_all[xp.asarray(idx)], y_all[idx], rng,
+                xt, t, y, target, weight, side = diffusion.noisy_batch(x_all[xp.asarray(idx)], y_all[idx], rng,
                                                                  cfg.p_uncond, null_label)
                 pred = net.forward(xt, t, y)                                    # [B, C, H, W]
-                loss, dpred = diffusion.loss(pred, target, weight)
+                loss, dpred = diffusion.loss(pred, target, weight, side)
                 net.backward(dpred)
                 grads = flat.grad(net)                                          # [P] all of them
                 gnorm = clip_grad_norm(grads, cfg.grad_clip, flat)
@@ -442,7 +443,7 @@ class RunFolder:
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         weighting = f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"
         plot_curves(self.loss_plot, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
-                    title=f"training loss: {dict(eps='epsilon', v='v')[cfg.prediction]} MSE, {weighting}")
+                    title=f"training loss: {dict(eps='epsilon', v='v', x0='x0')[cfg.prediction]} MSE, {weighting}")
 
 
 def _read_jsonl(path):
