@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .diffusion import PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
+from .diffusion import CLIP_LOSSES, PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
 from .evaluate import LABELS
 from .errors import TinyUViTError
 from .model import INITS, PRESETS
@@ -158,9 +158,10 @@ T = TrainConfig   # the defaults below are TrainConfig's
                    "(the v loss, capped) or min(SNR, gamma) (Min-SNR, which all but ignores the noisiest steps).")
 @click.option("--snr-gamma", type=float, default=T.snr_gamma, show_default=True,
               help="The cap gamma of --weighting (0 = the plain MSE of what the network predicts).")
-@click.option("--clip-loss/--no-clip-loss", default=T.clip_loss, show_default=True,
-              help="Count no error where the true pixel is black (or full ink) and the predicted x0 is "
-                   "beyond it: the sampler clips it there, so the network may draw black below black.")
+@click.option("--clip-loss", type=click.Choice(CLIP_LOSSES), default=T.clip_loss, show_default=True,
+              help="Count no error where the true pixel is black (black; both: black or full ink) and the "
+                   "predicted x0 lies beyond it: the sampler clips it there, so the network may draw black "
+                   "below black instead of exactly at it.")
 @click.option("--noise-schedule", type=click.Choice(Schedule.KINDS), default=T.noise_schedule, show_default=True,
               help="abar_t over the T steps: linear betas (DDPM, U-ViT) or cosine (Nichol & Dhariwal).")
 @click.option("--pos-init", type=click.Choice(INITS["pos_init"]), default=T.pos_init, show_default=True,

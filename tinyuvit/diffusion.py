@@ -106,6 +106,7 @@ class Schedule:
 
 PREDICTIONS = ("v", "eps", "x0")
 WEIGHTINGS = ("min-snr+1", "min-snr")
+CLIP_LOSSES = ("none", "black", "both")
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
 
@@ -194,9 +195,9 @@ class Diffusion:
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
     snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
     noise_schedule: str = "linear" # abar_t: "linear" betas (DDPM, U-ViT) or "cosine" (`Schedule`)
-    # count no error where the target pixel is at the data's bound (-1: black, 1: full ink) and
-    # the predicted x0 lies beyond it: the samplers clip x0 there, so such an x0 is exact (`loss`)
-    clip_loss: bool = False
+    # count no error where the true pixel is at the data's bound and the predicted x0 lies beyond
+    # it, as the samplers clip x0 there (`loss`): "black" (-1) only, "both" (-1 and full ink, 1)
+    clip_loss: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.T, (int, np.integer)) or isinstance(self.T, bool) or self.T < 2:
@@ -205,6 +206,8 @@ class Diffusion:
             raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.clip_loss not in CLIP_LOSSES:
+            raise ConfigError(f"clip loss (--clip-loss) must be one of {', '.join(CLIP_LOSSES)}, got {self.clip_loss!r}")
         if not _finite(self.snr_gamma) or self.snr_gamma < 0:
             raise ConfigError(f"snr_gamma (--snr-gamma) must be a finite number >= 0, got {self.snr_gamma!r}")
         object.__setattr__(self, "schedule", Schedule(int(self.T), self.noise_schedule))
@@ -221,7 +224,7 @@ class Diffusion:
 
     def noisy_batch(self, x0, y, rng, p_uncond=0.0, null_label=None):
         """(x_t, t, y, target, weight, side) for clean images x0 [B, C, H, W] and labels y [B];
-        `side` is for `loss` (None unless clip_loss).
+        `side` is for `loss` (None if clip_loss is "none").
 
         Draws t uniformly from all T steps, the noise, and which labels are dropped to the
         null label (probability p_uncond, for classifier-free guidance), in that order, from
@@ -244,10 +247,12 @@ class Diffusion:
         w = loss_weight(a / (1.0 - a), self.snr_gamma, self.prediction, self.weighting)
         weight = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]                 # [B, 1, 1, 1]
         side = None
-        if self.clip_loss:   # +-1 where x0 is at a bound, signed so that side * (pred - target) < 0
+        if self.clip_loss != "none":   # +-1 where x0 is at a bound, signed so that side * (pred - target) < 0
             # means "x0_pred beyond that bound": x0_pred - x0 is +(pred - target) for an x0 network
             # and -sqrt(1 - abar) (v - v_true) or -sqrt((1 - abar)/abar) (eps - eps_true) otherwise
-            bound = (x0 >= 1.0).astype(x0.dtype) - (x0 <= -1.0).astype(x0.dtype)    # [B, C, H, W]
+            bound = -(x0 <= -1.0).astype(x0.dtype)                                  # [B, C, H, W]
+            if self.clip_loss == "both":
+                bound = bound + (x0 >= 1.0).astype(x0.dtype)
             side = -bound if self.prediction == "x0" else bound
         return xt, xp.asarray(t), xp.asarray(y), target, weight, side
 
