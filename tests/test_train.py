@@ -217,9 +217,12 @@ def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
     from tinyuvit.checkpoint import save_checkpoint
     path = tmp_path / "checkpoint.npz"
     old = _tiny_cfg().to_dict()
-    del old["prediction"], old["weighting"]
+    del old["prediction"], old["weighting"], old["clip_loss"]
     save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config=old)
-    assert load_checkpoint(path, need=())["config"]["prediction"] == "eps"
-    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config=dict(old, prediction="v"))
-    assert load_checkpoint(path, need=())["config"]["prediction"] == "v"
+    config = load_checkpoint(path, need=())["config"]
+    assert config["prediction"] == "eps" and config["clip_loss"] == "none"   # every error counted then
+    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3,
+                    config=dict(old, prediction="v", clip_loss="black"))
+    config = load_checkpoint(path, need=())["config"]
+    assert config["prediction"] == "v" and config["clip_loss"] == "black"
 

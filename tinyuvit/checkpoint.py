@@ -187,6 +187,7 @@ def _config(entry, path):
         raise CheckpointError(f"{bad} (a JSON {type(config).__name__}, not an object); {fix}")
     config.setdefault("prediction", "eps")      # runs from before the v option were eps runs
     config.setdefault("weighting", "min-snr")   # ... and before min-snr+1, Min-SNR runs
+    config.setdefault("clip_loss", "none")      # ... and before --clip-loss, every error counted
     problem = config_problem(config)
     if problem:
         raise CheckpointError(f"{bad} ({problem}); {fix}")
