@@ -246,14 +246,7 @@ class Diffusion:
             target = sa * noise - s1 * x0                                           # v
         w = loss_weight(a / (1.0 - a), self.snr_gamma, self.prediction, self.weighting)
         weight = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]                 # [B, 1, 1, 1]
-        side = None
-        if self.clip_loss != "none":   # +-1 where x0 is at a bound, signed so that side * (pred - target) < 0
-            # means "x0_pred beyond that bound": x0_pred - x0 is +(pred - target) for an x0 network
-            # and -sqrt(1 - abar) (v - v_true) or -sqrt((1 - abar)/abar) (eps - eps_true) otherwise
-            bound = -(x0 <= -1.0).astype(x0.dtype)                                  # [B, C, H, W]
-            if self.clip_loss == "both":
-                bound = bound + (x0 >= 1.0).astype(x0.dtype)
-            side = -bound if self.prediction == "x0" else bound
+        side = clip_side(x0, self.clip_loss, self.prediction)                         # [B, C, H, W] or None
         return xt, xp.asarray(t), xp.asarray(y), target, weight, side
 
     @staticmethod
@@ -330,6 +323,19 @@ class Diffusion:
             if progress is not None:
                 progress.update(1)
         return x
+
+
+def clip_side(x0, clip_loss, prediction):
+    """For `Diffusion.loss`: +-1 where the true pixel x0 is at a bound that clip_loss forgives, 0
+    elsewhere (None for "none"), signed so that side * (pred - target) < 0 means "the predicted
+    x0 lies beyond that bound". x0_pred - x0 is +(pred - target) for an x0 network, and
+    -sqrt(1 - abar) (v - v_true) or -sqrt((1 - abar)/abar) (eps - eps_true) for the others.
+    Only comparisons and arithmetic: NumPy, CuPy and PyTorch arrays alike."""
+    if clip_loss == "none":
+        return None
+    below = (x0 <= -1.0) * 1.0                                 # black: x0_pred below it is clipped
+    above = (x0 >= 1.0) * 1.0 if clip_loss == "both" else 0.0  # full ink: x0_pred above it
+    return (below - above) if prediction == "x0" else (above - below)
 
 
 def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
