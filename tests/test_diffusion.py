@@ -226,6 +226,32 @@ def test_clipping_recomputes_the_noise_from_the_clipped_x0():
     np.testing.assert_array_equal(epsu, eps)
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_a_clip_loss_network_is_clipped_before_guidance(prediction):
+    """A network trained with clip_loss may put a black pixel's x0 anywhere below -1. Its
+    conditional and unconditional answers (x0 = -1.2 and -3 here) then differ by chance, and
+    guidance on the raw outputs would turn that difference into grey (-1.2 + 0.7 * 1.8 = 0.06).
+    Clipped before guidance, both are black and so is the sample."""
+    sched = Schedule(1000, "cosine")
+
+    class Free:   # x0 = -1.2 for a label, -3 for the null label, whatever x_t; in its own terms
+        cfg = UViTConfig(img_size=4, patch_size=1, dim=2, num_heads=1, depth=1, num_classes=10)
+        dtype = np.float64
+
+        def forward(self, x, t, y, train=True):
+            a = sched.abar(np.asarray(t))[:, None, None, None]
+            x0 = np.where(y[:, None, None, None] == 10, -3.0, -1.2) * np.ones_like(x)
+            eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+            return {"x0": x0, "eps": eps, "v": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}[prediction]
+
+    how = SampleConfig(steps=5, guidance=0.7, guidance_interval=(0, math.inf))
+    labels = np.zeros(3, dtype=np.int64)
+    for clip_loss, black in [("black", True), ("none", False)]:
+        d = Diffusion(prediction=prediction, noise_schedule="cosine", clip_loss=clip_loss)
+        x = d.sample(Free(), labels, np.random.default_rng(0), how)
+        assert np.allclose(x, -1.0, rtol=0, atol=1e-9) == black, (clip_loss, x.max())
+
+
 def test_guidance_convention():
     class Fake:
         def forward(self, x, t, y, train=True):  # eps_c = y (the label), eps_u = 10 (null label)

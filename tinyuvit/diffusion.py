@@ -286,6 +286,16 @@ class Diffusion:
             eps = (x - sa * x0) * (1.0 / s1)
         return x0, eps
 
+    def clipped_output(self, x, abar):
+        """out -> the output whose x0 is clipped to [-1, 1], at x_t = x: for a network trained
+        with clip_loss, whose x0 beyond a bound is free (any value below -1 means black), so
+        each prediction is clipped before guidance combines them (`guided_output`)."""
+        def bound(out):
+            x0, eps = self.x0_and_eps(x, out, abar, clip=True)
+            sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
+            return {"x0": x0, "eps": eps, "v": sa * eps - s1 * x0}[self.prediction]
+        return bound
+
     def sample(self, model, labels, rng, how=None, callback=None, progress=None, weak=None):
         """Draw images for `labels` ([B] ints on the model's backend) -> x0 [B, C, H, W].
 
@@ -308,8 +318,9 @@ class Diffusion:
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
             a, a_next = float(sched.abar(t)), float(sched.abar(t_next))
+            bound = self.clipped_output(x, a) if self.clip_loss != "none" else None
             out = guided_output(model, x, t, labels, how.guidance_at(a), cfg.num_classes,
-                                weak, how.autoguidance)
+                                weak, how.autoguidance, bound)
             x0, eps = self.x0_and_eps(x, out, a, how.clip)
             if how.sampler == "ddpm":
                 x = _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
@@ -362,7 +373,7 @@ def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
     return x0_weight / {"eps": snr, "v": snr + 1.0, "x0": 1.0}[prediction]
 
 
-def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=0.0):
+def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=0.0, bound=None):
     """out = out_c + s (out_c - out_u) + a (out_c - weak_c); one forward on the doubled batch
     when s != 0, and one of the weak network when a != 0 (and there is one).
 
@@ -370,19 +381,24 @@ def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=
     asked for; autoguidance (a; Karras et al. 2024) moves away from what a worse network of the
     same run predicts for the same digit, towards better drawn digits, without the loss of
     variety that guidance toward the label brings. (For a v network both are the same guidance
-    as on eps: eps is affine in v at fixed x_t.)"""
+    as on eps: eps is affine in v at fixed x_t.)
+
+    `bound(out)`, if given, is applied to every network's output before they are combined
+    (`Diffusion.clipped_output`): where a network may put x0 anywhere beyond a bound, two such
+    values differ by chance, and guidance would amplify that difference into grey."""
     xp = xp_of(x)
+    bound = bound or (lambda out: out)
     B = x.shape[0]
     tt = xp.full((B,), int(t), dtype=np.int64)
     if guidance == 0:
-        out = out_c = model.forward(x, tt, y, train=False)           # no backward: keep no caches
+        out = out_c = bound(model.forward(x, tt, y, train=False))    # no backward: keep no caches
     else:
         both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
                              xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
-        out_c, out_u = both[:B], both[B:]
+        out_c, out_u = bound(both[:B]), bound(both[B:])
         out = out_c + guidance * (out_c - out_u)
     if weak is not None and autoguidance:
-        out = out + autoguidance * (out_c - weak.forward(x, tt, y, train=False))
+        out = out + autoguidance * (out_c - bound(weak.forward(x, tt, y, train=False)))
     return out
 
 
