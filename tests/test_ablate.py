@@ -48,8 +48,8 @@ def study(out, budget=TEST, only="uvit", lines=None, **kw):
 def test_a_study_writes_its_report_records_a_divergence_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     real_loss, poison = Diffusion.loss, {"on": False}
 
-    def loss(pred, target, weight):              # NaN in skip=add's run
-        value, grad = real_loss(pred, target, weight)
+    def loss(pred, target, weight, side=None):   # NaN in skip=add's run
+        value, grad = real_loss(pred, target, weight, side)
         return (float("nan"), grad) if poison["on"] else (value, grad)
 
     real_train = ablate.train
