@@ -187,9 +187,10 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class Diffusion:
-    """The schedule (T steps), what the network predicts ("v" or "eps") and how the loss is
-    weighted ("min-snr+1" or "min-snr", capped at snr_gamma; 0 = the plain MSE); its methods
-    make training batches, the loss and its gradient, and samples."""
+    """The schedule (T steps), what the network predicts ("v", "eps" or "x0"), how the loss is
+    weighted ("min-snr+1" or "min-snr", capped at snr_gamma; 0 = the plain MSE) and which errors
+    beyond the data's bounds it forgives (clip_loss); its methods make training batches, the
+    loss and its gradient, and samples."""
     T: int = 1000
     prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, or the noise eps (U-ViT)
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
