@@ -177,7 +177,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
     (noise, timesteps and label dropout drawn on the host with NumPy, as tinyuvit does),
     clip_grad_norm_, torch.optim.AdamW, an EMA with torch._foreach ops."""
     import torch
-    from .diffusion import clip_side, loss_weight
+    from .diffusion import clip_side, forgiven, loss_weight
     from .torch_uvit import TorchUViT, copy_weights
     tc = train_settings()
     if device == "gpu":
@@ -208,9 +208,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
         w = col(loss_weight(a / (1 - a), tc.snr_gamma, tc.prediction, tc.weighting))
         pred = net(sa * x0 + s1 * noise, torch.from_numpy(t).to(dev), y)
         target = {"v": sa * noise - s1 * x0, "eps": noise, "x0": x0}[tc.prediction]
-        diff, side = pred - target, clip_side(x0, tc.clip_loss, tc.prediction)
-        if side is not None:
-            diff = diff * (side * diff >= 0)
+        diff = forgiven(pred - target, clip_side(x0, tc.clip_loss, tc.prediction))
         loss = (w * diff ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -192,7 +192,7 @@ class Diffusion:
     beyond the data's bounds it forgives (clip_loss); its methods make training batches, the
     loss and its gradient, and samples."""
     T: int = 1000
-    prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, or the noise eps (U-ViT)
+    prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, the noise eps (U-ViT), or x0
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
     snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
     noise_schedule: str = "linear" # abar_t: "linear" betas (DDPM, U-ViT) or "cosine" (`Schedule`)
@@ -261,9 +261,7 @@ class Diffusion:
         (a grey haze of 1..4 levels otherwise). Where the true x0 is not black, or where x0_pred
         is above it, the error counts as before, so the optimum is still the mean E[x0 | x_t]
         wherever that lies inside (-1, 1)."""
-        diff = pred - target
-        if side is not None:
-            diff = diff * (side * diff >= 0)
+        diff = forgiven(pred - target, side)
         loss = float((weight * diff * diff).mean())
         dpred = (weight * diff) * (2.0 / diff.size)
         return loss, dpred
@@ -348,6 +346,12 @@ def clip_side(x0, clip_loss, prediction):
     below = (x0 <= -1.0) * 1.0                                 # black: x0_pred below it is clipped
     above = (x0 >= 1.0) * 1.0 if clip_loss == "both" else 0.0  # full ink: x0_pred above it
     return (below - above) if prediction == "x0" else (above - below)
+
+
+def forgiven(diff, side):
+    """The error pred - target with the clip loss's forgiven pixels (side * diff < 0, see
+    `clip_side`) set to 0; unchanged for side None. NumPy, CuPy and PyTorch alike."""
+    return diff if side is None else diff * (side * diff >= 0)
 
 
 def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
