@@ -175,6 +175,8 @@ def test_clip_loss_forgives_only_an_x0_beyond_a_bound_that_the_target_sits_on(pr
     xt2, _, _, target2, w2, no_side = plain.noisy_batch(x0, y, np.random.default_rng(7))
     assert no_side is None and np.array_equal(xt2, xt)
     assert plain.loss(out, target2, w2)[0] > loss                   # without it every error counts
+    side32 = d.noisy_batch(x0.astype(np.float32), y, np.random.default_rng(7))[5]
+    assert side32.dtype == np.float32 and np.array_equal(side32, side)   # no float64 batch per step
 
 
 def test_cosine_schedule():

@@ -248,6 +248,8 @@ class Diffusion:
         w = loss_weight(a / (1.0 - a), self.snr_gamma, self.prediction, self.weighting)
         weight = xp.asarray(w, dtype=x0.dtype)[:, None, None, None]                 # [B, 1, 1, 1]
         side = clip_side(x0, self.clip_loss, self.prediction)                         # [B, C, H, W] or None
+        if side is not None:
+            side = side.astype(x0.dtype, copy=False)         # bool * 1.0 is float64 on NumPy
         return xt, xp.asarray(t), xp.asarray(y), target, weight, side
 
     @staticmethod

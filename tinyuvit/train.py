@@ -442,6 +442,8 @@ class RunFolder:
         k = max(1, min(50, len(loss) // 20))
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         weighting = f"{cfg.weighting} weighting (gamma {cfg.snr_gamma:g})" if cfg.snr_gamma else "unweighted"
+        if cfg.clip_loss != "none":
+            weighting += f", clip loss {cfg.clip_loss}"
         plot_curves(self.loss_plot, {"loss": (steps, loss), f"mean of {k}": (steps[k - 1:], smooth)},
                     title=f"training loss: {dict(eps='epsilon', v='v', x0='x0')[cfg.prediction]} MSE, {weighting}")
 
