@@ -69,7 +69,7 @@ class Budget:
         return TrainConfig(preset=self.preset, steps=self.steps, batch_size=self.batch_size, seed=seed,
                            pos_init="normal", conv_init="uniform",      # U-ViT's own init and schedule,
                            noise_schedule="linear",                     # as the paper's study,
-                           snr_gamma=5.0,                               # the loss weight it first ran with
+                           snr_gamma=5.0, clip_loss="none",             # the loss it first ran with
                            weak_at=0.0,                                 # and its sampling: no autoguidance
                            model_overrides={**self.model, **(overrides or {})}, sample_every=0,
                            eval_every=self.eval_every, eval_per_digit=self.eval_per_digit,

@@ -124,8 +124,9 @@ class SampleConfig:
     and the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`)."""
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
     steps: int = 20            # ddpm always takes all T steps
-    guidance: float = 0.7      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.7 with autoguidance:
-                               # README, "The default since: the cosine schedule and s = 0.7"
+    guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
+                               # and the clip loss: README, "The default since: black below black
+                               # with v, and s = 0.6" (runs without the clip loss: 0.7)
     eta: float = 0.0           # DDIM noise: 0 = deterministic
     clip: bool = True          # clip the predicted x0 to [-1, 1]
     # guide only at noise levels sigma = sqrt((1 - abar) / abar) in [lo, hi]: not the noisiest
