@@ -73,8 +73,9 @@ class TrainConfig:
     # haze, at the same FID on one seed and a little worse on two others (README, "A heavier weight
     # on the clean end: --snr-gamma 200")
     snr_gamma: float = Diffusion.snr_gamma
-    # forgive x0 below -1 where the pixel is black: backgrounds as black as real ones (README,
-    # "The default since: black below black"); Diffusion's own default, for old runs, is "none"
+    # forgive x0 below -1 where the pixel is black: backgrounds nearly as black as real ones (README,
+    # "The default since: black below black with v, and s = 0.6"); Diffusion's own default,
+    # for old runs, is "none"
     clip_loss: str = "black"
     noise_schedule: str = "cosine"     # abar_t of Nichol & Dhariwal (U-ViT, DDPM: "linear" betas)
     pos_init: str = "sincos2d"         # learned positions start as the 2-D sinusoidal table (U-ViT: normal)
