@@ -72,6 +72,7 @@ def test_termination_signals_save_and_exit_with_128_plus_the_signal(tmp_path, mo
     assert r.exit_code == 128 + signum, r.output
     assert f"stopped by {name} at step 4" in r.output and "--resume" in r.output
     assert rows(tmp_path / "r") == [1, 2, 3, 4]
+    assert (tmp_path / "r" / "loss.png").exists()     # the curve as far as the stop, with no grid drawn
 
 
 def test_a_second_signal_while_stopping_does_not_lose_the_save(tmp_path, monkeypatch):

@@ -293,9 +293,12 @@ class Diffusion:
         with clip_loss, whose x0 beyond a bound is free (any value below -1 means black), so
         each prediction is clipped before guidance combines them (`guided_output`)."""
         def bound(out):
+            if self.prediction == "x0":
+                return xp_of(out).clip(out, -1.0, 1.0)
             x0, eps = self.x0_and_eps(x, out, abar, clip=True)
-            sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
-            return {"x0": x0, "eps": eps, "v": sa * eps - s1 * x0}[self.prediction]
+            if self.prediction == "eps":
+                return eps
+            return math.sqrt(abar) * eps - math.sqrt(1.0 - abar) * x0        # v
         return bound
 
     def sample(self, model, labels, rng, how=None, callback=None, progress=None, weak=None):

@@ -261,6 +261,7 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                     _every(done, cfg, run, save, ema_net, diffusion, evaluator, log, weak.net)
         save(done)
         if stop.name:
+            run.plot_loss(cfg)
             log(f"stopped by {stop.name} at step {done}; saved {run.checkpoint}. Continue with --resume")
             return {"step": done, "stopped": stop.name, "checkpoint": run.checkpoint}
         run.plot_loss(cfg)
@@ -277,13 +278,16 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
 
 
 def _every(step, cfg, run, save, ema_net, diffusion, evaluator, log, weak_net):
-    """What happens at intervals after a step: save, draw a grid and the loss plot, evaluate."""
-    if cfg.save_every and step % cfg.save_every == 0:
+    """What happens at intervals after a step: save, draw a grid, redraw the loss plot, evaluate."""
+    saved = cfg.save_every and step % cfg.save_every == 0
+    drawn = cfg.sample_every and step % cfg.sample_every == 0
+    if saved:
         save(step)
-    if cfg.sample_every and step % cfg.sample_every == 0:
+    if drawn:
         preview_grid(ema_net, diffusion, cfg.sample_config(), os.path.join(run.path, "samples", f"step_{step:06d}.png"),
                      weak=weak_net)
-        run.plot_loss(cfg)
+    if saved or drawn:
+        run.plot_loss(cfg)                 # the curve as far as the checkpoint or the grid
     if evaluator and step % cfg.eval_every == 0:
         evaluator(ema_net, diffusion, step, log, weak_net)
 
