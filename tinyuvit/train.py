@@ -260,11 +260,10 @@ def train(cfg: TrainConfig, out_dir, device="cpu", data_dir=None, resume=False, 
                 if done < cfg.steps:
                     _every(done, cfg, run, save, ema_net, diffusion, evaluator, log, weak.net)
         save(done)
+        run.plot_loss(cfg)
         if stop.name:
-            run.plot_loss(cfg)
             log(f"stopped by {stop.name} at step {done}; saved {run.checkpoint}. Continue with --resume")
             return {"step": done, "stopped": stop.name, "checkpoint": run.checkpoint}
-        run.plot_loss(cfg)
         if start < cfg.steps or not os.path.exists(run.grid):
             preview_grid(ema_net, diffusion, cfg.sample_config(), run.grid, weak=weak.net)
         if evaluator and start < cfg.steps:
