@@ -66,9 +66,9 @@ class CleanOracle(GaussianOracle):
         return (x - np.sqrt(1 - a) * super().forward(x, t, y, train)) / np.sqrt(a)
 
 
-def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps"):
+def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps", final_sigma=0.0):
     labels = np.zeros(n, dtype=np.int64)
-    how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip)
+    how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip, final_sigma=final_sigma)
     d = Diffusion(prediction=prediction, noise_schedule=oracle.schedule.kind)
     return d.sample(oracle, labels, np.random.default_rng(seed), how)
 
@@ -208,6 +208,29 @@ def test_samplers_reproduce_a_gaussian_data_distribution(sampler, steps, kind):
     assert abs(x.mean() - 0.3) < 0.01 and abs(x.std() - 0.2) < 0.01
 
 
+@pytest.mark.parametrize("sampler,steps", [("ddim", 250), ("dpm++", 20), ("ddpm", None)])
+def test_the_last_step_from_a_final_sigma_gives_the_mean_clean_image_there(sampler, steps):
+    """With final_sigma the sampler stops at the timestep t of that noise level and returns the
+    network's x0 there, E[x0 | x_t]. For data N(mu, s^2) and x_t ~ N(sqrt(a) mu, a s^2 + 1 - a)
+    that is mu + sqrt(a) s^2 (x_t - sqrt(a) mu) / (a s^2 + 1 - a): mean mu, spread
+    sqrt(a) s^2 / sqrt(a s^2 + 1 - a), narrower than s (0.074 against 0.2 at sigma 0.5)."""
+    sched = Schedule(kind="cosine")
+    oracle = GaussianOracle(sched, mu=0.3, s=0.2)
+    t = sched.t_at_sigma(0.5)
+    a = sched.alphas_cumprod[t]
+    assert abs(math.sqrt((1 - a) / a) - 0.5) < 0.01 and sched.t_at_sigma(0) == 0
+    x = _draw(oracle, sampler, steps or 1000, n=4000, final_sigma=0.5)
+    spread = math.sqrt(a) * 0.2 ** 2 / math.sqrt(a * 0.2 ** 2 + 1 - a)
+    assert abs(x.mean() - 0.3) < 0.005 and abs(x.std() - spread) < 0.004, (x.std(), spread)
+    how = SampleConfig(sampler=sampler, steps=steps or 20, final_sigma=0.5)
+    ts = Diffusion(noise_schedule="cosine").sampler_timesteps(how)
+    assert ts[0] == 999 and ts[-1] == t and np.all(np.diff(ts) < 0) and len(ts) == (steps or 1000 - t)
+    # any sigma at or below the cleanest step's (0.0064) ends at t = 0, as 0 does
+    assert sched.t_at_sigma(0.001) == sched.t_at_sigma(0.0064) == 0 and sched.t_at_sigma(0.01) > 0
+    np.testing.assert_array_equal(_draw(oracle, sampler, steps or 1000, n=8, final_sigma=0.001),
+                                  _draw(oracle, sampler, steps or 1000, n=8, final_sigma=0.0))
+
+
 def test_dpm_solver_is_closer_to_the_ode_solution_than_ddim_at_few_steps():
     """Both integrate the same probability-flow ODE from the same noise; DPM-Solver++(2M) is
     second order, DDIM first order, so at 10 steps it must land nearer the 1000-step answer."""
@@ -313,7 +336,8 @@ def test_unknown_sampler_and_bad_settings_are_refused_naming_the_option():
                         (dict(guidance_interval=(0.7, 0.1)), "--guidance-interval"),
                         (dict(guidance_interval=(-1, 1.5)), "--guidance-interval"),
                         (dict(guidance_interval=(0, float("nan"))), "--guidance-interval"),
-                        (dict(guidance_interval=(0.1,)), "--guidance-interval")]:
+                        (dict(guidance_interval=(0.1,)), "--guidance-interval"),
+                        (dict(final_sigma=-0.1), "--final-sigma"), (dict(final_sigma=float("inf")), "--final-sigma")]:
         with pytest.raises(ConfigError, match=option):
             SampleConfig(**bad)
     with pytest.raises(ConfigError, match="--steps"):

@@ -168,6 +168,8 @@ def test_outputs_never_overwrite_a_checkpoint_and_are_checked_first(tmp_path):
     (["evaluate", "--batch-size", 0], "--batch-size"), (["evaluate", "--seed", -1], "--seed"),
     (["sample", "--guidance-interval", "0.7,0.1"], "--guidance-interval"),
     (["evaluate", "--guidance-interval", "0.5"], "--guidance-interval"),
+    (["sample", "--final-sigma", "-1"], "--final-sigma"), (["evaluate", "--final-sigma", "nan"], "--final-sigma"),
+    (["sample", "--final-sigma", "1e9"], "--final-sigma"),
 ])
 def test_bad_sampling_values_are_one_line_naming_the_option(tmp_path, args, option):
     images, labels = digits()

@@ -114,6 +114,13 @@ def autoguidance_option(fn):
                              "digit; 0 = none. Runs saved without early weights sample without it.")(fn)
 
 
+def final_sigma_option(fn):
+    return click.option("--final-sigma", type=float, default=SampleConfig.final_sigma, show_default=True,
+                        help="The noise level sigma of the sampler's last step, from which it jumps to the "
+                             "clean image the network predicts there; the steps are spread down to it. "
+                             "0 = the cleanest timestep (sigma 0.0064 with the cosine schedule).")(fn)
+
+
 def _set_threads(threads):
     from .backend import set_cpu_threads
     set_cpu_threads(threads)
@@ -238,6 +245,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @sampler_options()
 @guidance_interval_option
 @autoguidance_option
+@final_sigma_option
 @click.option("--eta", type=float, default=SampleConfig.eta, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
@@ -248,8 +256,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, eta, seed, device, weights,
-               out_path, gif, quiet, threads):
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma, eta, seed,
+               device, weights, out_path, gif, quiet, threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
     from .api import load
     from .evaluate import check_count
@@ -257,7 +265,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
     from .images import from_model_range, save_gif, save_grid
     from .progress import Progress
     how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta, guidance_interval=guidance_interval,
-                       autoguidance=autoguidance)
+                       autoguidance=autoguidance, final_sigma=final_sigma)
     digits = _parse_digits(digits)     # checked here too, before the progress bar is drawn
     check_count("count (--count)", count, 1)
     check_count("seed (--seed)", seed, 0)
@@ -267,7 +275,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
                                  suffixes=(".png",), what="--out")
     if gif:
         check_output_path(os.path.splitext(out_path)[0] + ".gif", suffixes=(".gif",), what="--gif")
-    n_steps = run.diffusion.T if sampler == "ddpm" else steps
+    n_steps = len(run.diffusion.sampler_timesteps(how))
     frames, every = [], max(1, n_steps // 40)
     record = (lambda i, x, x0: frames.append(from_model_range(x)) if (i % every == 0 or i == n_steps - 1) else None)
     with Progress(n_steps, f"sampling {len(digits) * count} digits ({sampler})", unit="step", disable=quiet) as bar:
@@ -309,6 +317,7 @@ def one_row_per_digit(images, count):
 @sampler_options()
 @guidance_interval_option
 @autoguidance_option
+@final_sigma_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--batch-size", type=int, default=250, show_default=True,
@@ -318,16 +327,16 @@ def one_row_per_digit(images, count):
 @click.option("--data-dir", type=click.Path(), default=None, help="MNIST folder for the FID reference.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint, "
-                   "with _ag<autoguidance> before .json for a run with early weights, and _data with "
-                   "--labels data]")
+                   "with _ag<autoguidance> before .json for a run with early weights, _fs<final sigma> "
+                   "unless it is 0, and _data with --labels data]")
 @click.option("--picture", "picture_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw a PNG here (e.g. pixels.png): the pixel-value histograms of samples and real "
                    "digits (log scale), the ink per digit, and samples beside real digits enlarged 4x, as "
                    "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, autoguidance, seed, device, batch_size,
-                 classifier, data_dir, json_path, picture_path, quiet, threads):
+def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma, seed,
+                 device, batch_size, classifier, data_dir, json_path, picture_path, quiet, threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
     and their pixels beside real digits.
 
@@ -350,16 +359,18 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     from .files import atomic_write, check_output_path
     from .progress import Progress
     how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, guidance_interval=guidance_interval,
-                       autoguidance=autoguidance)
+                       autoguidance=autoguidance, final_sigma=final_sigma)
     per_digit = check_count("samples per digit (--per-digit)", PER_DIGIT[device] if per_digit is None else per_digit, 2)
     check_count("batch size (--batch-size)", batch_size, 1)
     check_count("seed (--seed)", seed, 0)
     _set_threads(threads)
     run = load(ckpt, device)
+    run.diffusion.sampler_timesteps(how)     # a --steps or --final-sigma it cannot take: say so before any work
     autoguided = how.autoguidance_with(run.weak is not None) > 0
     json_path = check_output_path(json_path or os.path.join(os.path.dirname(run.path),
                                                             f"eval_{sampler}{steps}_g{guidance:g}"
                                                             f"{f'_ag{autoguidance:g}' if autoguided else ''}"
+                                                            f"{f'_fs{final_sigma:g}' if final_sigma else ''}"
                                                             f"{'' if labels == 'balanced' else '_' + labels}.json"),
                                   suffixes=(".json",), what="--json")
     if picture_path is not None:

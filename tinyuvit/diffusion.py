@@ -72,27 +72,41 @@ class Schedule:
         s1 = xp.asarray(np.sqrt(1.0 - a), dtype=x0.dtype)[:, None, None, None]
         return sa * x0 + s1 * noise
 
-    def timesteps(self, steps, spacing="time"):
-        """`steps` integer timesteps from T-1 down to 0, strictly decreasing: evenly spaced in t
-        ("time"), or in lambda = log(alpha / sigma) ("logsnr", as DPM-Solver's authors advise, so
-        that consecutive steps are of similar size for the multistep formula)."""
-        if not 1 <= steps <= self.T:
-            raise ConfigError(f"sampler steps (--steps) must be between 1 and {self.T}, got {steps}")
+    def log_snr(self):
+        """lambda_t = log(alpha_t / sigma_t) = -log(noise level sigma_t), [T], decreasing in t."""
+        return 0.5 * np.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
+
+    def t_at_sigma(self, sigma):
+        """The timestep whose noise level sqrt((1 - abar)/abar) is nearest to `sigma` (in log);
+        0 for sigma = 0."""
+        if sigma <= 0:
+            return 0
+        return int(np.argmin(np.abs(self.log_snr() + math.log(sigma))))
+
+    def timesteps(self, steps, spacing="time", last=0):
+        """`steps` integer timesteps from T-1 down to `last` (0: the cleanest), strictly
+        decreasing: evenly spaced in t ("time"), or in lambda = log(alpha / sigma) ("logsnr", as
+        DPM-Solver's authors advise, so that consecutive steps are of similar size for the
+        multistep formula). The samplers go from the last one straight to the clean image."""
+        if not 0 <= last < self.T - 1:
+            raise ConfigError(f"the last sampler step must lie in 0..{self.T - 2}, got timestep {last}")
+        if not 1 <= steps <= self.T - last:
+            raise ConfigError(f"sampler steps (--steps) must be between 1 and {self.T - last}, got {steps}")
         if steps == 1:                                 # one step: from pure noise to x0 at once
             return np.array([self.T - 1], dtype=np.int64)
         if spacing == "time" or steps < 3:
-            ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64)
+            ts = np.round(np.linspace(self.T - 1, last, steps)).astype(np.int64)
         else:
-            lam = 0.5 * np.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))     # decreasing in t
+            lam = self.log_snr()                                                       # [T]
             # below lambda = -5.5 (SNR 2e-5) x_t holds nothing of the image: the cosine schedule
             # goes down to -10 there, and even spacing would spend a third of the steps on it
-            targets = np.linspace(max(lam[-1], self.LAMBDA_MIN), lam[0], steps)
+            targets = np.linspace(max(lam[-1], self.LAMBDA_MIN), lam[last], steps)
             ts = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.int64)
             ts[0] = self.T - 1                         # every sampler starts from pure noise
             ts = np.unique(ts)[::-1]                   # nearest timesteps, duplicates merged
             if len(ts) < steps:                        # refill with the largest gaps' midpoints
                 ts = self._fill(ts, steps)
-        assert np.all(np.diff(ts) < 0) and ts[0] == self.T - 1 and ts[-1] == 0
+        assert np.all(np.diff(ts) < 0) and ts[0] == self.T - 1 and ts[-1] == last
         return ts
 
     def _fill(self, ts, steps):
@@ -137,6 +151,10 @@ class SampleConfig:
     # same run's EMA early in training (train.TrainConfig.weak_at); 0 = none. A run saved
     # without weak weights samples as if a = 0.
     autoguidance: float = 1.0
+    # the noise level sigma of the last step, from which the sampler jumps to the clean image
+    # (the x0 the network predicts there); the steps are spread down to it. 0 = timestep 0
+    # (sigma 0.0064 with the cosine schedule, 0.01 with the linear one)
+    final_sigma: float = 0.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -150,6 +168,9 @@ class SampleConfig:
                               f"got {self.autoguidance!r}")
         if not _finite(self.eta) or not 0 <= self.eta <= 1:
             raise ConfigError(f"eta (--eta) must lie in [0, 1], got {self.eta!r}")
+        if not _finite(self.final_sigma) or self.final_sigma < 0:
+            raise ConfigError(f"final sigma (--final-sigma) must be a finite number >= 0 (0 = the cleanest step), "
+                              f"got {self.final_sigma!r}")
         lo_hi = self.guidance_interval
         number = lambda v: _finite(v) or v == math.inf
         if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2 and all(number(v) for v in lo_hi)
@@ -165,11 +186,12 @@ class SampleConfig:
 
     def guidance_text(self, weak=False):
         """'guidance s at noise levels lo..hi' (and the autoguidance, if the run has weak
-        weights), as the commands print it."""
+        weights, and the final sigma, if not 0), as the commands print it."""
         lo, hi = self.guidance_interval
         text = f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
         a = self.autoguidance_with(weak)
-        return text + (f", autoguidance {a:g}" if a else "")
+        return (text + (f", autoguidance {a:g}" if a else "")
+                + (f", last step from sigma {self.final_sigma:g}" if self.final_sigma else ""))
 
     def guidance_at(self, abar):
         """The guidance scale at a step whose x_t has signal level abar: s where the noise level
@@ -301,6 +323,18 @@ class Diffusion:
             return math.sqrt(abar) * eps - math.sqrt(1.0 - abar) * x0        # v
         return bound
 
+    def sampler_timesteps(self, how):
+        """The timesteps a sampler visits, from T - 1 down to the one at how.final_sigma: all of
+        them for "ddpm", how.steps of them spaced in log-SNR for "dpm++" and in t for "ddim"."""
+        last = self.schedule.t_at_sigma(how.final_sigma)
+        if last >= self.schedule.T - 1:
+            top = math.exp(-self.schedule.log_snr()[-1])
+            raise ConfigError(f"final sigma (--final-sigma) must be below the noise level of pure noise ({top:.3g}) "
+                              f"to leave a step to take, got {how.final_sigma:g}")
+        if how.sampler == "ddpm":
+            return np.arange(self.schedule.T - 1, last - 1, -1)
+        return self.schedule.timesteps(how.steps, "logsnr" if how.sampler == "dpm++" else "time", last)
+
     def sample(self, model, labels, rng, how=None, callback=None, progress=None, weak=None):
         """Draw images for `labels` ([B] ints on the model's backend) -> x0 [B, C, H, W].
 
@@ -315,10 +349,7 @@ class Diffusion:
         B = labels.shape[0]
         shape = (B, cfg.in_chans, cfg.img_size, cfg.img_size)
         x = xp.asarray(rng.standard_normal(shape), dtype=model.dtype)               # x_T ~ N(0, I)
-        if how.sampler == "ddpm":
-            ts = np.arange(sched.T - 1, -1, -1)
-        else:
-            ts = sched.timesteps(how.steps, "logsnr" if how.sampler == "dpm++" else "time")
+        ts = self.sampler_timesteps(how)
         x0_prev, h_prev = None, None
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
@@ -328,7 +359,7 @@ class Diffusion:
                                 weak, how.autoguidance, bound)
             x0, eps = self.x0_and_eps(x, out, a, how.clip)
             if how.sampler == "ddpm":
-                x = _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
+                x = x0 if t_next < 0 else _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
             elif how.sampler == "ddim":
                 x = _ddim_step(x0, eps, a, a_next, how.eta, rng, xp, model.dtype)
             else:
