@@ -315,7 +315,7 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
     d, y = Diffusion(prediction="eps"), np.array([0, 1])
     draw = lambda **kw: d.sample(model, y, np.random.default_rng(0), SampleConfig(steps=10, **kw))
     none, every = draw(guidance=0.0), draw(guidance=2.0, guidance_interval=(0, math.inf))
-    a = d.schedule.abar(d.schedule.timesteps(10, "logsnr"))
+    a = d.schedule.abar(d.sampler_timesteps(SampleConfig(steps=10)))
     sigma = np.sqrt((1 - a) / a)                       # decreasing, one per step
     assert not np.allclose(none, every)
     assert not np.allclose(draw(guidance=2.0), every)   # the default leaves the noisiest steps unguided

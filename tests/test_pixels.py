@@ -265,7 +265,7 @@ def test_evaluate_with_labels_data_draws_the_training_mix(tiny_run, tmp_path):
                                   "--labels", "data", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "digits in the training set's proportions" in r.output
-    out = tiny_run.parent / "eval_dpm++1_g0.6_ag1_data.json"        # its own default name
+    out = tiny_run.parent / "eval_dpm++1_g0.6_ag1_fs0.2_data.json"   # its own default name
     res = json.loads(out.read_text())
     assert res["labels"] == "data" and res["n"] == 30 and res["pixels"]["real"]["n"] == 30
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_run), "--labels", "mixed"])

@@ -76,9 +76,10 @@ class Budget:
                            sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance)
 
     def sample_config(self):
-        """Guided at every step, whatever SampleConfig's default interval: studies stay comparable."""
+        """Guided at every step, to the cleanest step, whatever SampleConfig's default interval and
+        final sigma: studies stay comparable."""
         return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance,
-                            guidance_interval=(0.0, float("inf")))
+                            guidance_interval=(0.0, float("inf")), final_sigma=0.0)
 
     def validate(self):
         """ConfigError naming the first invalid field."""

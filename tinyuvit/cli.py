@@ -118,7 +118,8 @@ def final_sigma_option(fn):
     return click.option("--final-sigma", type=float, default=SampleConfig.final_sigma, show_default=True,
                         help="The noise level sigma of the sampler's last step, from which it jumps to the "
                              "clean image the network predicts there; the steps are spread down to it. "
-                             "0 = the cleanest timestep (sigma 0.0064 with the cosine schedule).")(fn)
+                             "0 = the cleanest timestep (sigma 0.0064 with the cosine schedule), as "
+                             "runs were sampled before this option.")(fn)
 
 
 def _set_threads(threads):

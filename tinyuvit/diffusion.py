@@ -153,8 +153,10 @@ class SampleConfig:
     autoguidance: float = 1.0
     # the noise level sigma of the last step, from which the sampler jumps to the clean image
     # (the x0 the network predicts there); the steps are spread down to it. 0 = timestep 0
-    # (sigma 0.0064 with the cosine schedule, 0.01 with the linear one)
-    final_sigma: float = 0.0
+    # (sigma 0.0064 with the cosine schedule, 0.01 with the linear one). 0.2: the network's x0
+    # of the last, least noisy steps is imprecise by a grey level or two, and left the background
+    # speckled with faint pixels (README, "The default since: the last step from sigma = 0.2")
+    final_sigma: float = 0.2
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
