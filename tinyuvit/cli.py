@@ -72,9 +72,9 @@ def sampler_options(steps_flag="--steps", what=None):
     d = SampleConfig
     options = [
         click.option("--sampler", type=click.Choice(SAMPLERS), default=d.sampler, show_default=True,
-                     help=what or "dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (1000 steps)."),
+                     help=what or "dpm++ (DPM-Solver++ 2M, good at 10-25 steps), ddim (any steps), ddpm (every timestep)."),
         click.option(steps_flag, type=int, default=d.steps, show_default=True,
-                     help="Sampler steps (ddpm always takes all 1000)."),
+                     help="Sampler steps (ddpm takes every timestep, down to the final sigma)."),
         click.option("--guidance", type=float, default=d.guidance, show_default=True,
                      help="Guidance scale s in eps = eps_c + s (eps_c - eps_u); 0 = none."),
     ]

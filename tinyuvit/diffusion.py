@@ -137,7 +137,7 @@ class SampleConfig:
     """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping,
     and the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`)."""
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
-    steps: int = 20            # ddpm always takes all T steps
+    steps: int = 20            # ddpm takes every timestep down to final_sigma
     guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
                                # and the clip loss: README, "The default since: black below black
                                # with v, and s = 0.6" (runs without the clip loss: 0.7)
