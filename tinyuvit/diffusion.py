@@ -139,8 +139,8 @@ class SampleConfig:
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
     steps: int = 20            # ddpm takes every timestep down to final_sigma
     guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
-                               # and the clip loss: README, "The default since: black below black
-                               # with v, and s = 0.6" (runs without the clip loss: 0.7)
+                               # and the clip loss: README, "Black below black with v, and
+                               # s = 0.6" (runs without the clip loss: 0.7)
     eta: float = 0.0           # DDIM noise: 0 = deterministic
     clip: bool = True          # clip the predicted x0 to [-1, 1]
     # guide only at noise levels sigma = sqrt((1 - abar) / abar) in [lo, hi]: not the noisiest

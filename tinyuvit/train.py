@@ -74,7 +74,7 @@ class TrainConfig:
     # on the clean end: --snr-gamma 200")
     snr_gamma: float = Diffusion.snr_gamma
     # forgive x0 below -1 where the pixel is black: backgrounds nearly as black as real ones (README,
-    # "The default since: black below black with v, and s = 0.6"); Diffusion's own default,
+    # "Black below black with v, and s = 0.6"); Diffusion's own default,
     # for old runs, is "none"
     clip_loss: str = "black"
     noise_schedule: str = "cosine"     # abar_t of Nichol & Dhariwal (U-ViT, DDPM: "linear" betas)
