@@ -27,6 +27,11 @@ image, and a black background is a constant.
 
 Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise from the
 clipped x0, so the update stays consistent with the x0 it uses.
+
+The last step: every sampler ends by taking the network's x0 at its last timestep as the image.
+By default that timestep is not t = 0 but the one at noise level sigma = 0.2
+(`SampleConfig.final_sigma`): at the least noisy steps a v network's x0 moves by its own
+imprecision, a grey level or two, enough to leave faint dots on a black background.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -135,7 +140,8 @@ def _finite(v):
 @dataclass(frozen=True)
 class SampleConfig:
     """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping,
-    and the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`)."""
+    the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`) and the
+    noise level of the last step."""
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
     steps: int = 20            # ddpm takes every timestep down to final_sigma
     guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
