@@ -453,14 +453,13 @@ def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=
 
 
 def _ddpm_step(x, x0, t, schedule, rng, xp, dtype):
-    """x_{t-1} ~ q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta~_t): the posterior of DDPM."""
+    """x_{t-1} ~ q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta~_t): the posterior of DDPM, for
+    t >= 1 (the last step, from whichever timestep, is x0 itself: `Diffusion.sample`)."""
     beta = float(schedule.betas[t])
     a, a_prev = float(schedule.abar(t)), float(schedule.abar(t - 1))
     c0 = math.sqrt(a_prev) * beta / (1.0 - a)
     ct = math.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a)
     mean = c0 * x0 + ct * x
-    if t == 0:
-        return mean
     var = beta * (1.0 - a_prev) / (1.0 - a)
     z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
     return mean + math.sqrt(var) * z
