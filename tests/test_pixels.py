@@ -217,7 +217,9 @@ def test_evaluate_prints_writes_and_draws_the_pixel_measures(tiny_run, tmp_path)
                   "ink, generated", "spread, real", f"wrote {png}"):
         assert words in r.output
     assert r.output.index("FID floor") < r.output.index("FID, same digits") < r.output.index("pixels (0..255)")
+    assert "(against the 1 test digits of test; FIDs against full MNIST do not compare)" in r.output
     res = json.loads(out.read_text())
+    assert res["reference"] == {"data": "test", "test_digits": 1}      # the (fake) reference it was scored against
     assert {"class_accuracy", "per_digit_accuracy", "fid", "fid_floor", "fid_floor_same_n", "fid_floor_same_digits",
             "n"} <= set(res)
     pixels = res["pixels"]

@@ -386,7 +386,9 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
                + (f" (the step-{run.weak_step} weights)" if autoguided else ""))
     click.echo(f"class accuracy   {100 * res['class_accuracy']:.2f}%")
     click.echo("  per digit      " + "  ".join(f"{d}: {100 * a:.0f}%" for d, a in res["per_digit_accuracy"].items()))
-    click.echo(f"FID              {res['fid']:.3f}")
+    ref = res["reference"]
+    click.echo(f"FID              {res['fid']:.3f}   (against the {ref['test_digits']:,} test digits of {ref['data']}"
+               + ("; FIDs against full MNIST do not compare)" if ref["data"] != "full MNIST" else ")"))
     click.echo(f"FID floor        {res['fid_floor']:.3f}   (10,000 real training digits; "
                f"FID / floor = {res['fid'] / res['fid_floor']:.1f})")
     click.echo(f"FID floor, n={res['n']:<5d} {res['fid_floor_same_n']:.3f}   (as many real training digits as "

@@ -264,8 +264,12 @@ def dataset_id(images, labels, source):
     h = hashlib.sha256(repr((images.shape, labels.shape)).encode())
     h.update(memoryview(images).cast("B"))
     h.update(memoryview(labels).cast("B"))
-    kind = "embedded subset" if "subset" in source else "full MNIST" if "MNIST" in source else source
-    return {"source": kind, "n": int(len(labels)), "sha256": h.hexdigest()[:16]}
+    return {"source": source_kind(source), "n": int(len(labels)), "sha256": h.hexdigest()[:16]}
+
+
+def source_kind(source):
+    """load_mnist's source without its folder: "full MNIST" or "embedded subset"."""
+    return "embedded subset" if "subset" in source else "full MNIST" if "MNIST" in source else source
 
 
 def describe_dataset(ident):

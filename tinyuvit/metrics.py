@@ -299,8 +299,9 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     """Score generated images [N, 1, 28, 28] in [-1, 1] that were asked to show `requested_labels` [N].
 
     Returns dict(class_accuracy, per_digit_accuracy, fid, fid_floor, fid_floor_same_digits, n,
-    pixels): the class accuracy overall and for each requested digit ({"3": 0.95, ...}), fid
-    against the MNIST test set, the floor that `floor_n` real training digits drawn at random
+    reference, pixels): the class accuracy overall and for each requested digit ({"3": 0.95, ...}),
+    fid against the MNIST test set (`reference`: dict(data, test_digits), the full test set or,
+    offline, the embedded subset's 2,000 test digits: FIDs against the two do not compare), the floor that `floor_n` real training digits drawn at random
     score, and the FID of the real digits below, which a perfect generator asked for the same
     digits would score (all with this package's classifier). The last is the like-for-like floor:
     the test set's digits are not equally common (1s 11.4%, 5s 8.9%), and 1,000 real digits of
@@ -311,6 +312,7 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     pixels: `compare_pixels` of the images and `real` = (uint8 images, labels) (default:
     `real_digits(requested_labels)`, as many training digits of each class as were asked for).
     """
+    from .data import source_kind
     model = model or load_classifier()
     pixels = _as_pixels(images)
     images = _as_images(images)
@@ -329,4 +331,6 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
                 fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
                 fid_floor=float(ref["fid_floor"]),
                 fid_floor_same_digits=frechet_distance(mu_r, sigma_r, ref["mu"], ref["sigma"]), n=int(len(images)),
+                reference=dict(data=source_kind(str(ref.get("source", "the reference passed in"))),
+                               test_digits=int(ref["n_ref"]) if "n_ref" in ref else None),
                 pixels=compare_pixels(pixels, requested, *real))
