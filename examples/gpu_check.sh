@@ -6,8 +6,10 @@
 #   train   the GPU default `train-mnist --device gpu`, timed (SIGTERM at TRAIN_LIMIT saves it);
 #           with TRAIN2_ARGS, a second run with those options at the same time (both then share
 #           the GPU: their times are upper bounds of each alone)
-#   eval    `evaluate --device gpu` of that run (10,000 samples, its defaults), then of the second
-#           run, then of the first again with EVAL_ARGS (e.g. another guidance) if given
+#   eval    `evaluate --device gpu --labels data` of that run (10,000 samples, drawn as the CPU
+#           figures are), then of the second run, then of the first again with EVAL_ARGS (e.g.
+#           another guidance) if given; the first run's sampling weights go to $OUT/eval_weights.npz
+#           (12 MB: `tinyuvit evaluate --checkpoint` reads it, so it can be scored again on a CPU)
 #   bench-small  the same for small b512 in fp32, then TF32; memory at batches 256 and 64
 # If the fused CUDA kernels fail to build or run, the rest runs without them (TINYUVIT_FUSED=0).
 # Logs and results go to $OUT (default: gpu_check/); every step also prints to the terminal.
@@ -26,6 +28,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 RUN=${RUN:-/tmp/gpu-run}
 step() { echo; echo "=== $1 ($(date +%T))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+[ -f "${TINYUVIT_DATA:-/nonexistent}/train-images-idx3-ubyte.gz" ] || \
+  echo "WARNING: MNIST=$TINYUVIT_DATA holds no MNIST files: training and FID use the embedded subset"
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -86,17 +91,19 @@ if want train; then
 fi
 
 if want eval; then
-  step "evaluate --device gpu (10,000 samples)"
-  timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet \
+  step "evaluate --device gpu --labels data (10,000 samples)"
+  python3 -c "import numpy as np, sys; z = np.load(sys.argv[1]); np.savez(sys.argv[2], **{k: z[k] for k in z.files
+    if k.split('/')[0] in ('ema', 'weak', 'weak_step', 'step', 'opt_k', 'config')})" "$RUN/checkpoint.npz" "$OUT/eval_weights.npz"
+  timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
     --json "$OUT/eval.json" --picture "$OUT/eval_pixels.png" 2>&1
   if [ -d "$RUN-2" ]; then
     step "evaluate the second run ($TRAIN2_ARGS)"
-    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN-2" --quiet \
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN-2" --quiet --labels data \
       --json /tmp/eval2.json 2>&1
   fi
   if [ -n "${EVAL_ARGS:-}" ]; then
     step "evaluate the first run with $EVAL_ARGS"
-    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet \
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
       --json /tmp/eval3.json $EVAL_ARGS 2>&1
   fi
 fi

@@ -387,25 +387,25 @@ class Attention(Module):
     # [B, L, 3D] reads as [B, L, 3, H, hd]; one copy lays it out as [3, B*H, L, hd], and every
     # matmul below is one batched product over B*H contiguous matrices. (Strided per-head views
     # cost nothing on NumPy, but CuPy copied them before every product: a `tiny` training step
-    # on an H200 went from 126 copies to 84, and from 0.83x to 1.10x PyTorch's speed.)
+    # on an H200 went from 126 copies to 84, and from 0.83x to 1.10x PyTorch's speed.) The scale
+    # 1/sqrt(hd) multiplies q, [L, hd] numbers per head, rather than the [L, L] scores.
     def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape
         H, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x, train=train)                               # [B, L, 3D]
         qkv = qkv.reshape(B, L, 3, H, hd).transpose((2, 0, 3, 1, 4)).reshape(3, B * H, L, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]                             # [B*H, L, hd] each
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]                # [B*H, L, hd] each, q scaled
         s = q @ k.transpose((0, 2, 1))                               # [B*H, L, L]
-        s *= self.scale
         A = self.softmax(s, train=train)                             # [B*H, L, L]
         o = A @ v                                                    # [B*H, L, hd]
         self.save(train, q=q, k=k, v=v)
         o = o.reshape(B, H, L, hd).transpose((0, 2, 1, 3)).reshape(B, L, D)   # heads concatenated
         return self.proj(o, train=train)
 
-    # o = A v with A = softmax(S), S = q k^T s:
+    # o = A v with A = softmax(S), S = q' k^T and q' = q s (the scaled q, saved):
     #   dA = do v^T,  dv = A^T do,
-    #   dS = softmax_backward(A, dA) s,
-    #   dq = dS k,  dk = dS^T q.
+    #   dS = softmax_backward(A, dA),
+    #   dq = (dS k) s,  dk = dS^T q'.
     # dq, dk, dv fill one [3, B*H, L, hd] array, laid back out as qkv's [B, L, 3D] in one copy.
     def backward(self, dy):  # [B, L, D] -> [B, L, D]
         q, k, v = self.saved("q", "k", "v")
@@ -418,9 +418,9 @@ class Attention(Module):
         A = self.softmax.saved("p")
         xp.matmul(A.transpose(0, 2, 1), do, out=dv)                  # dv = A^T do
         dS = self.softmax.backward(do @ v.transpose(0, 2, 1))        # [B*H, L, L]
-        dS *= self.scale
-        xp.matmul(dS, k, out=dq)                                     # dq = dS k
-        xp.matmul(dS.transpose(0, 2, 1), q, out=dk)                  # dk = dS^T q
+        xp.matmul(dS, k, out=dq)
+        dq *= self.scale                                             # dq = (dS k) s
+        xp.matmul(dS.transpose(0, 2, 1), q, out=dk)                  # dk = dS^T q'
         dqkv = dqkv.reshape(3, B, H, L, hd).transpose(1, 3, 0, 2, 4).reshape(B, L, 3 * D)
         return self.qkv.backward(dqkv)
 
