@@ -12,7 +12,8 @@
 #           (12 MB: `tinyuvit evaluate --checkpoint` reads it, so it can be scored again on a CPU)
 #   bench-small  the same for small b512 in fp32, then TF32; memory at batches 256 and 64
 # If the fused CUDA kernels fail to build or run, the rest runs without them (TINYUVIT_FUSED=0).
-# Logs and results go to $OUT (default: gpu_check/); every step also prints to the terminal.
+# Logs and results go to $OUT (default: gpu_check/), up to 9 files; every step also prints to
+# the terminal. (Where fewer files can come back, point OUT elsewhere and tar it afterwards.)
 #
 #   MNIST=path/to/mnist bash examples/gpu_check.sh
 #   STEPS="tests bench" MNIST=.mnist bash examples/gpu_check.sh   (the steps run in the order above)
