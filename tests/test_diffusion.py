@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tinyuvit.diffusion import PREDICTIONS, Diffusion, SampleConfig, Schedule, guided_output
+from tinyuvit.diffusion import PREDICTIONS, Diffusion, SampleConfig, Schedule, guided_output, scale_ink
 from tinyuvit.errors import ConfigError
 from tinyuvit.model import UViTConfig
 
@@ -231,6 +231,54 @@ def test_the_last_step_from_a_final_sigma_gives_the_mean_clean_image_there(sampl
                                   _draw(oracle, sampler, steps or 1000, n=8, final_sigma=0.0))
 
 
+def test_scale_ink_puts_each_images_percentile_at_full_ink_and_keeps_black():
+    """Image by image: the p-th percentile pixel s lands on 1 where s > 1; -1 stays -1; the
+    order of the pixels is kept; an image whose percentile is at or below 1 is left alone."""
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1.3, 1.2, (6, 1, 28, 28))
+    x0[0] = np.minimum(x0[0], 0.9)          # no overshoot: unchanged
+    x0[:, 0, 0, :3] = -1.0                  # black pixels
+    out = scale_ink(x0, 99.7)
+    np.testing.assert_array_equal(out[0], x0[0])
+    for img, new in zip(x0[1:], out[1:]):
+        s = np.sort(img.ravel())
+        pos = 0.997 * (s.size - 1)           # the percentile, interpolated between neighbours
+        lo = int(pos)
+        at = s[lo] + (pos - lo) * (s[lo + 1] - s[lo])
+        assert at > 1
+        k = 2.0 / (at + 1.0)
+        np.testing.assert_allclose(new, -1 + (img + 1) * k, atol=1e-12)
+        assert np.all(new[0, 0, :3] == -1.0)
+        assert (new > 1).sum() == (img > at).sum() == s.size - 1 - lo       # 2 of 784 pixels above it
+    assert np.array_equal(np.argsort(out[1].ravel(), kind="stable"), np.argsort(x0[1].ravel(), kind="stable"))
+    assert scale_ink(x0.astype(np.float32), 99.7).dtype == np.float32
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 20), ("dpm++", 20), ("ddpm", None)])
+def test_the_ink_percentile_scales_the_last_x0_only(sampler, steps):
+    """Data N(1, 0.3^2) per pixel: half of it lies beyond full ink, and the clipped samplers put
+    1-9% of their pixels exactly at 1. With ink_percentile the last step maps each image's
+    [-1, s] onto [-1, 1] first, so at most the pixels above its 99.7th percentile (2 of 784) and
+    the one at it reach 1, and the rest are the clipped-alone pixels under one linear map per
+    image that keeps -1: the same trajectory, only the last x0 scaled."""
+    oracle = GaussianOracle(Schedule(kind="cosine"), mu=1.0, s=0.3, size=28)
+    draw = lambda p: Diffusion(noise_schedule="cosine").sample(
+        oracle, np.zeros(16, dtype=np.int64), np.random.default_rng(3),
+        SampleConfig(sampler=sampler, steps=steps or 20, guidance=0.0, final_sigma=0.0, ink_percentile=p))
+    clipped, scaled = draw(0.0), draw(99.7)
+    assert (clipped == 1.0).mean() > 0.005
+    assert np.all((scaled >= 1.0 - 1e-9).reshape(16, -1).sum(axis=1) <= 3)
+    inside = clipped < 1.0
+    k = (scaled + 1)[inside] / (clipped + 1)[inside]                # [pixels] one factor per image
+    per_image = np.broadcast_to(np.arange(16)[:, None, None, None], clipped.shape)[inside]
+    factors = []
+    for i in range(16):
+        ki = k[per_image == i]
+        assert np.ptp(ki) < 1e-9 and 0.5 < ki[0] <= 1
+        factors.append(ki[0])
+    assert sum(f < 1 for f in factors) >= 8                         # most images were scaled
+
+
 def test_dpm_solver_is_closer_to_the_ode_solution_than_ddim_at_few_steps():
     """Both integrate the same probability-flow ODE from the same noise; DPM-Solver++(2M) is
     second order, DDIM first order, so at 10 steps it must land nearer the 1000-step answer."""
@@ -337,7 +385,9 @@ def test_unknown_sampler_and_bad_settings_are_refused_naming_the_option():
                         (dict(guidance_interval=(-1, 1.5)), "--guidance-interval"),
                         (dict(guidance_interval=(0, float("nan"))), "--guidance-interval"),
                         (dict(guidance_interval=(0.1,)), "--guidance-interval"),
-                        (dict(final_sigma=-0.1), "--final-sigma"), (dict(final_sigma=float("inf")), "--final-sigma")]:
+                        (dict(final_sigma=-0.1), "--final-sigma"), (dict(final_sigma=float("inf")), "--final-sigma"),
+                        (dict(ink_percentile=-1), "--ink-percentile"), (dict(ink_percentile=100.5), "--ink-percentile"),
+                        (dict(ink_percentile=float("nan")), "--ink-percentile")]:
         with pytest.raises(ConfigError, match=option):
             SampleConfig(**bad)
     with pytest.raises(ConfigError, match="--steps"):

@@ -267,8 +267,9 @@ def test_evaluate_with_labels_data_draws_the_training_mix(tiny_run, tmp_path):
                                   "--labels", "data", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "digits in the training set's proportions" in r.output
-    out = tiny_run.parent / "eval_dpm++1_g0.6_ag1_fs0.2_data.json"   # its own default name
+    out = tiny_run.parent / "eval_dpm++1_g0.6_ag1_fs0.2_ip99.7_data.json"   # its own default name
     res = json.loads(out.read_text())
     assert res["labels"] == "data" and res["n"] == 30 and res["pixels"]["real"]["n"] == 30
+    assert res["ink_percentile"] == 99.7 and res["final_sigma"] == 0.2
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_run), "--labels", "mixed"])
     assert r.exit_code == 2 and "--labels" in r.output

@@ -170,6 +170,7 @@ def test_outputs_never_overwrite_a_checkpoint_and_are_checked_first(tmp_path):
     (["evaluate", "--guidance-interval", "0.5"], "--guidance-interval"),
     (["sample", "--final-sigma", "-1"], "--final-sigma"), (["evaluate", "--final-sigma", "nan"], "--final-sigma"),
     (["sample", "--final-sigma", "1e9"], "--final-sigma"),
+    (["sample", "--ink-percentile", "101"], "--ink-percentile"), (["evaluate", "--ink-percentile", "nan"], "--ink-percentile"),
 ])
 def test_bad_sampling_values_are_one_line_naming_the_option(tmp_path, args, option):
     images, labels = digits()

@@ -133,7 +133,7 @@ def test_the_command_line_takes_autoguidance_and_names_it(tmp_path):
                                   "--steps", "2", "--quiet", "--autoguidance", "0.5"])
     assert r.exit_code == 0, r.output
     assert "autoguidance 0.5" in r.output and "step-2 weights" in r.output
-    res = json.loads((tmp_path / "run" / "eval_dpm++2_g0.6_ag0.5_fs0.2.json").read_text())
+    res = json.loads((tmp_path / "run" / "eval_dpm++2_g0.6_ag0.5_fs0.2_ip99.7.json").read_text())
     assert res["autoguidance"] == 0.5
     r = CliRunner().invoke(main, ["sample", "--checkpoint", str(tmp_path / "run"), "--autoguidance", "-1"])
     assert r.exit_code != 0 and "Traceback" not in r.output and "--autoguidance" in r.output

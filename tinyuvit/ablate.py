@@ -76,10 +76,10 @@ class Budget:
                            sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance)
 
     def sample_config(self):
-        """Guided at every step, to the cleanest step, whatever SampleConfig's default interval and
-        final sigma: studies stay comparable."""
+        """Guided at every step, to the cleanest step, the last x0 only clipped, whatever
+        SampleConfig's default interval, final sigma and ink percentile: studies stay comparable."""
         return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance,
-                            guidance_interval=(0.0, float("inf")), final_sigma=0.0)
+                            guidance_interval=(0.0, float("inf")), final_sigma=0.0, ink_percentile=0.0)
 
     def validate(self):
         """ConfigError naming the first invalid field."""

@@ -43,7 +43,8 @@ class Run:
         digit by digit (the first `count` are digits[0], ...).
 
         `how` is a SampleConfig, or pass its fields: sampler="ddim", steps=50, guidance=2, eta=0,
-        autoguidance=0 (none; it needs `self.weak`), final_sigma=0 (on to timestep 0, as before 0.2).
+        autoguidance=0 (none; it needs `self.weak`), final_sigma=0 (on to timestep 0, as before 0.2),
+        ink_percentile=0 (the last x0 only clipped, as before 99.7).
         `callback(i, x_t, x0_pred)` sees every sampler step; `progress` gets `.update(1)` per step."""
         how = _sample_config(how, settings)
         digits = check_digits(digits)

@@ -122,6 +122,14 @@ def final_sigma_option(fn):
                              "runs were sampled before this option.")(fn)
 
 
+def ink_percentile_option(fn):
+    return click.option("--ink-percentile", type=float, default=SampleConfig.ink_percentile, show_default=True,
+                        help="At the last step, scale each image's ink so that this percentile of its "
+                             "pixels lies at full ink (255) where the network put it higher, then clip: "
+                             "as many pixels reach 255 as in real digits instead of every overshooting "
+                             "one. 0 = clip only, as runs were sampled before this option.")(fn)
+
+
 def _set_threads(threads):
     from .backend import set_cpu_threads
     set_cpu_threads(threads)
@@ -247,6 +255,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @guidance_interval_option
 @autoguidance_option
 @final_sigma_option
+@ink_percentile_option
 @click.option("--eta", type=float, default=SampleConfig.eta, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
@@ -257,8 +266,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 @click.option("--gif", is_flag=True, help="Also write an animated GIF of the denoising (PNG name, .gif).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma, eta, seed,
-               device, weights, out_path, gif, quiet, threads):
+def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma,
+               ink_percentile, eta, seed, device, weights, out_path, gif, quiet, threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
     from .api import load
     from .evaluate import check_count
@@ -266,7 +275,7 @@ def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval,
     from .images import from_model_range, save_gif, save_grid
     from .progress import Progress
     how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, eta=eta, guidance_interval=guidance_interval,
-                       autoguidance=autoguidance, final_sigma=final_sigma)
+                       autoguidance=autoguidance, final_sigma=final_sigma, ink_percentile=ink_percentile)
     digits = _parse_digits(digits)     # checked here too, before the progress bar is drawn
     check_count("count (--count)", count, 1)
     check_count("seed (--seed)", seed, 0)
@@ -319,6 +328,7 @@ def one_row_per_digit(images, count):
 @guidance_interval_option
 @autoguidance_option
 @final_sigma_option
+@ink_percentile_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--batch-size", type=int, default=250, show_default=True,
@@ -329,15 +339,15 @@ def one_row_per_digit(images, count):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results here. [default: eval_<sampler><steps>_g<guidance>.json beside the checkpoint, "
                    "with _ag<autoguidance> before .json for a run with early weights, _fs<final sigma> "
-                   "unless it is 0, and _data with --labels data]")
+                   "and _ip<ink percentile> unless they are 0, and _data with --labels data]")
 @click.option("--picture", "picture_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw a PNG here (e.g. pixels.png): the pixel-value histograms of samples and real "
                    "digits (log scale), the ink per digit, and samples beside real digits enlarged 4x, as "
                    "they are and with faint (1..16) and saturated (255) pixels marked.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma, seed,
-                 device, batch_size, classifier, data_dir, json_path, picture_path, quiet, threads):
+def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma,
+                 ink_percentile, seed, device, batch_size, classifier, data_dir, json_path, picture_path, quiet, threads):
     """Score a run: class accuracy and FID of its samples, with the FID floor of real digits,
     and their pixels beside real digits.
 
@@ -360,7 +370,7 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     from .files import atomic_write, check_output_path
     from .progress import Progress
     how = SampleConfig(sampler=sampler, steps=steps, guidance=guidance, guidance_interval=guidance_interval,
-                       autoguidance=autoguidance, final_sigma=final_sigma)
+                       autoguidance=autoguidance, final_sigma=final_sigma, ink_percentile=ink_percentile)
     per_digit = check_count("samples per digit (--per-digit)", PER_DIGIT[device] if per_digit is None else per_digit, 2)
     check_count("batch size (--batch-size)", batch_size, 1)
     check_count("seed (--seed)", seed, 0)
@@ -372,6 +382,7 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
                                                             f"eval_{sampler}{steps}_g{guidance:g}"
                                                             f"{f'_ag{autoguidance:g}' if autoguided else ''}"
                                                             f"{f'_fs{final_sigma:g}' if final_sigma else ''}"
+                                                            f"{f'_ip{ink_percentile:g}' if ink_percentile else ''}"
                                                             f"{'' if labels == 'balanced' else '_' + labels}.json"),
                                   suffixes=(".json",), what="--json")
     if picture_path is not None:

@@ -72,9 +72,9 @@ def check_picture(path):
 def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size=BATCH_SIZE, classifier=None,
                    reference=None, data_dir=None, progress=None, picture=None, labels="balanced", weak=None):
     """dict(class_accuracy, per_digit_accuracy, fid, fid_floor, n, pixels, sampler, steps, guidance,
-    guidance_interval, autoguidance, final_sigma, labels); `labels`: which digits to draw (LABELS); `weak`:
-    the run's early network, for autoguidance (None: none, and autoguidance is reported as 0);
-    `picture`: also draw the pixels of the samples beside real digits there (a PNG, images.plot_pixels)."""
+    guidance_interval, autoguidance, final_sigma, ink_percentile, labels); `labels`: which digits to draw
+    (LABELS); `weak`: the run's early network, for autoguidance (None: none, and autoguidance is reported as
+    0); `picture`: also draw the pixels of the samples beside real digits there (a PNG, images.plot_pixels)."""
     from .images import from_model_range, plot_pixels
     from .metrics import evaluate_images, real_digits
     how = how or SampleConfig()
@@ -87,7 +87,8 @@ def evaluate_model(model, diffusion, per_digit=100, how=None, seed=0, batch_size
     lo, hi = how.guidance_interval
     res.update(labels=labels, sampler=how.sampler, steps=how.steps, guidance=how.guidance,
                guidance_interval=[lo, hi if hi != float("inf") else None],   # JSON has no inf
-               autoguidance=how.autoguidance_with(weak is not None), final_sigma=how.final_sigma)
+               autoguidance=how.autoguidance_with(weak is not None), final_sigma=how.final_sigma,
+               ink_percentile=how.ink_percentile)
     if picture is not None:
         plot_pixels(picture, res["pixels"], from_model_range(images), drawn, *real,
                     title=f"{len(drawn)} samples ({how.sampler}, {how.steps} steps, {how.guidance_text(weak is not None)}) "

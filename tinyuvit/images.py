@@ -1,6 +1,8 @@
 """Pictures: pixels to the model's range and back, sample grids (PNG), denoising animations
 (GIF) and loss curves (PNG)."""
 
+import textwrap
+
 import numpy as np
 
 from .backend import to_numpy
@@ -160,15 +162,16 @@ def plot_pixels(path, pixels, images, labels, real_images, real_labels, per_digi
     crops = [(what, grid(tiles, nrow=10, scale=scale)) for what, tiles in crops]
     crops += [(f"{what.split(':')[0]}, marked: faint 1..16 orange, saturated 255 cyan", mark_pixels(pic))
               for what, pic in crops]
-    dpi, margin, caption, plots = 100, 50, 26, 470            # pixels
+    dpi, margin, caption, plots, head = 100, 50, 26, 470, 80  # pixels; head: a title of up to 2 lines
     width = crops[0][1].shape[1] + 2 * margin
-    height = 60 + plots + sum(caption + pic.shape[0] for _, pic in crops) + 20
+    height = head + plots + sum(caption + pic.shape[0] for _, pic in crops) + 20
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    fig.suptitle(title or "pixels of generated digits beside real ones", y=1 - 15 / height, fontsize=12)
-    bottom, top = 1 - (60 + plots - 50) / height, 1 - 70 / height
+    title = textwrap.fill(title or "pixels of generated digits beside real ones", width=150)   # <= 2 lines fit
+    fig.suptitle(title, y=1 - 10 / height, fontsize=12)
+    bottom, top = 1 - (head + plots - 50) / height, 1 - (head + 10) / height
     _pixel_histogram(fig.add_axes([margin / width + 0.04, bottom, 0.56, top - bottom]), pixels)
     _ink_bars(fig.add_axes([0.70, bottom, 0.27, top - bottom]), pixels)
-    y = 60 + plots                                             # from the top
+    y = head + plots                                           # from the top
     for what, pic in crops:
         fig.text(margin / width, 1 - (y + caption - 6) / height, what, fontsize=11)
         y += caption + pic.shape[0]
