@@ -9,7 +9,7 @@
 #   eval    `evaluate --device gpu --labels data` of that run (10,000 samples, drawn as the CPU
 #           figures are), then of the second run, then of the first again with EVAL_ARGS (e.g.
 #           another guidance) if given; the first run's sampling weights go to $OUT/eval_weights.npz
-#           (12 MB: `tinyuvit evaluate --checkpoint` reads it, so it can be scored again on a CPU)
+#           (`tinyuvit export`, 12 MB: `evaluate --checkpoint` reads it, to score it again on a CPU)
 #   bench-small  the same for small b512 in fp32, then TF32; memory at batches 256 and 64
 # If the fused CUDA kernels fail to build or run, the rest runs without them (TINYUVIT_FUSED=0).
 # Logs and results go to $OUT (default: gpu_check/), up to 9 files; every step also prints to
@@ -93,8 +93,8 @@ fi
 
 if want eval; then
   step "evaluate --device gpu --labels data (10,000 samples)"
-  python3 -c "import numpy as np, sys; z = np.load(sys.argv[1]); np.savez(sys.argv[2], **{k: z[k] for k in z.files
-    if k.split('/')[0] in ('ema', 'weak', 'weak_step', 'step', 'opt_k', 'config')})" "$RUN/checkpoint.npz" "$OUT/eval_weights.npz"
+  rm -f "$OUT/eval_weights.npz"   # export writes over no checkpoint, this script's own included
+  python3 -m tinyuvit.cli export --checkpoint "$RUN" --out "$OUT/eval_weights.npz" 2>&1
   timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
     --json "$OUT/eval.json" --picture "$OUT/eval_pixels.png" 2>&1
   if [ -d "$RUN-2" ]; then

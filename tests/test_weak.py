@@ -139,3 +139,26 @@ def test_the_command_line_takes_autoguidance_and_names_it(tmp_path):
     assert r.exit_code != 0 and "Traceback" not in r.output and "--autoguidance" in r.output
     r = CliRunner().invoke(main, ["train-mnist", "--weak-at", "1", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--weak-at must lie in [0, 1)" in r.output
+
+
+def test_export_keeps_what_sampling_needs_and_samples_the_same(tmp_path):
+    """`tinyuvit export` writes the EMA and early weights, step and config; the file samples and
+    scores the same digits as the checkpoint, is smaller, and refuses to resume or give raw weights."""
+    _train(tmp_path / "run", 4, weak_at=0.5)
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run" / "weights.npz"
+    assert "wrote" in r.output and "early weights" in r.output and out.exists()
+    assert out.stat().st_size < 0.5 * (tmp_path / "run" / "checkpoint.npz").stat().st_size
+    full, slim = tinyuvit.load(tmp_path / "run"), tinyuvit.load(out)
+    assert slim.step == full.step == 4 and slim.weak_step == full.weak_step and slim.config == full.config
+    np.testing.assert_array_equal(slim.sample(digits=[1, 7], count=2, steps=3),
+                                  full.sample(digits=[1, 7], count=2, steps=3))
+    with pytest.raises(CheckpointError, match="only the EMA weights for sampling.*checkpoint.npz"):
+        tinyuvit.load(out, weights="raw")
+    with pytest.raises(CheckpointError, match="only the EMA weights for sampling"):
+        load_checkpoint(out)                              # what --resume reads
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "--out" in r.output   # no overwriting a checkpoint
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "not found" in r.output

@@ -67,6 +67,29 @@ def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=N
                               "--resume") from None
 
 
+def export_weights(path, out):
+    """Write what sampling needs of the checkpoint at `path` (a file or a run folder) to `out`:
+    the EMA weights, the early EMA weights for autoguidance where the run has them, the step and
+    the config, without the raw weights and the AdamW moments (two fifths of the file with early
+    weights, a quarter without). `load`, `sample` and `evaluate` read it as they read the
+    checkpoint; training cannot resume from it.
+    -> the checkpoint that was read (the dict of `load_checkpoint`)."""
+    ck = load_checkpoint(path, need=("ema",))
+    arrays = {f"ema/{k}": v for k, v in ck["ema"].items()}
+    arrays.update({f"weak/{k}": v for k, v in ck["weak"].items()})
+    if ck["weak"]:
+        arrays["weak_step"] = np.array(ck["weak_step"], dtype=np.int64)
+    arrays["step"] = np.array(ck["step"], dtype=np.int64)
+    arrays["opt_k"] = np.array(ck["opt_k"], dtype=np.int64)
+    arrays["config"] = np.array(json.dumps(ck["config"], sort_keys=True))
+    try:
+        atomic_write(out, lambda f: np.savez(f, **arrays))
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"could not write {out}: {why}; free some space or choose another path") from None
+    return ck
+
+
 def checkpoint_step(path):
     """The step stored in the checkpoint at `path`, or None if it cannot be read."""
     try:
@@ -91,7 +114,7 @@ def load_checkpoint(path, need=RESUME):
     way where present. The config is checked in every case. CheckpointError, in one line, if
     anything is wrong.
     """
-    path = _resolve(path)
+    path = resolve(path)
     data = _read_npz(path)
     for key in ("step", "opt_k", "config"):
         if key not in data:
@@ -112,6 +135,10 @@ def load_checkpoint(path, need=RESUME):
             raise CheckpointError(f"checkpoint {path} has early EMA weights but no 'weak_step' entry: the "
                                   f"file was edited or damaged; {NEW_RUN}")
         out["weak_step"] = _count(data, "weak_step", path)
+    if out["ema"] and not out["params"] and not out["opt"] and ({"params", "opt"} & set(need)):
+        raise CheckpointError(f"checkpoint {path} holds only the EMA weights for sampling (written by "
+                              f"`tinyuvit export`): sample or evaluate it with its EMA weights; to resume "
+                              f"training or use the raw weights, pass the run's own {NAME}")
     check = list(need) + (["weak"] if out["weak"] and "weak" not in need else [])
     if check:
         expected = _model_shapes(out["config"]["model"])
@@ -120,7 +147,7 @@ def load_checkpoint(path, need=RESUME):
     return out
 
 
-def _resolve(path):
+def resolve(path):
     """The checkpoint file for `path` (a file, or a run folder holding checkpoint.npz)."""
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -434,6 +434,30 @@ def pixel_lines(pixels):
             row("spread, real", r["ink_spread_per_digit"])]
 
 
+@main.command("export")
+@click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz (or its folder).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="The weights file to write. [default: weights.npz beside the checkpoint]")
+def export_cmd(ckpt, out_path):
+    """Keep what sampling needs of a run in a file under half the checkpoint's size.
+
+    Writes the EMA weights, the early weights for autoguidance, the step and the config, without
+    the raw weights and the optimizer's moments: `sample`, `evaluate` and tinyuvit.load() take
+    it as --checkpoint; training cannot resume from it. The library call:
+    tinyuvit.checkpoint.export_weights(checkpoint, out).
+    """
+    from .checkpoint import export_weights, resolve
+    from .files import check_output_path
+    src = resolve(ckpt)
+    out_path = check_output_path(out_path or os.path.join(os.path.dirname(src), "weights.npz"),
+                                 suffixes=(".npz",), what="--out")
+    ck = export_weights(src, out_path)
+    mb = lambda path: os.path.getsize(path) / 2 ** 20
+    click.echo(f"wrote {out_path} (step {ck['step']}, {mb(out_path):.1f} MB of the checkpoint's {mb(src):.1f} MB"
+               f"{', with the early weights for autoguidance' if ck['weak'] else ''}); sample it with "
+               f"--checkpoint {out_path}", err=True)
+
+
 # ----------------------------------------------------------------------------------------
 # train-classifier, gradcheck
 # ----------------------------------------------------------------------------------------
