@@ -147,8 +147,8 @@ def test_missing_arrays_refuse_resume_but_ema_alone_samples(good):
     rewrite(good, drop=[k for k in np.load(good).files if k not in keep])
     ck = load_checkpoint(good, need=("ema",))
     assert ck["params"] == {} and ck["opt"] == {} and ck["ema"]
-    refused(good, "lacks", "weights")
-    refused(good, "lacks", "weights", need=("params",))
+    refused(good, "only the EMA weights for sampling", "tinyuvit export")   # what export writes
+    refused(good, "only the EMA weights for sampling", "raw weights", need=("params",))
 
 
 def test_missing_optimizer_moment_and_extra_arrays(good):
