@@ -43,17 +43,8 @@ def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=N
 
     A failed write (a full disk, a folder that cannot be written) is a CheckpointError that
     says which checkpoint survived: the previous file stays whole until the rename."""
-    arrays = {f"param/{k}": to_numpy(v) for k, v in params.items()}
-    arrays.update({f"ema/{k}": to_numpy(v) for k, v in ema.items()})
-    arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_state.items()})
-    arrays.update({f"weak/{k}": to_numpy(v) for k, v in (weak or {}).items()})
-    if weak:
-        if weak_step is None:
-            raise ValueError("save_checkpoint: weak weights need their weak_step")
-        arrays["weak_step"] = np.array(weak_step, dtype=np.int64)
-    arrays["step"] = np.array(step, dtype=np.int64)
-    arrays["opt_k"] = np.array(opt_k, dtype=np.int64)
-    arrays["config"] = np.array(json.dumps(config, sort_keys=True))
+    arrays = _arrays(params=params, ema=ema, opt_state=opt_state, opt_k=opt_k, step=step, config=config,
+                     weak=weak, weak_step=weak_step)
     try:
         atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
@@ -67,6 +58,22 @@ def save_checkpoint(path, *, params, ema, opt_state, opt_k, step, config, weak=N
                               "--resume") from None
 
 
+def _arrays(*, params, ema, opt_state, opt_k, step, config, weak=None, weak_step=None):
+    """{key: NumPy array} of a checkpoint file (the keys in this module's docstring)."""
+    arrays = {f"param/{k}": to_numpy(v) for k, v in params.items()}
+    arrays.update({f"ema/{k}": to_numpy(v) for k, v in ema.items()})
+    arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_state.items()})
+    arrays.update({f"weak/{k}": to_numpy(v) for k, v in (weak or {}).items()})
+    if weak:
+        if weak_step is None:
+            raise ValueError("save_checkpoint: weak weights need their weak_step")
+        arrays["weak_step"] = np.array(weak_step, dtype=np.int64)
+    arrays["step"] = np.array(step, dtype=np.int64)
+    arrays["opt_k"] = np.array(opt_k, dtype=np.int64)
+    arrays["config"] = np.array(json.dumps(config, sort_keys=True))
+    return arrays
+
+
 def export_weights(path, out):
     """Write what sampling needs of the checkpoint at `path` (a file or a run folder) to `out`:
     the EMA weights, the early EMA weights for autoguidance where the run has them, the step and
@@ -75,13 +82,8 @@ def export_weights(path, out):
     checkpoint; training cannot resume from it.
     -> the checkpoint that was read (the dict of `load_checkpoint`)."""
     ck = load_checkpoint(path, need=("ema",))
-    arrays = {f"ema/{k}": v for k, v in ck["ema"].items()}
-    arrays.update({f"weak/{k}": v for k, v in ck["weak"].items()})
-    if ck["weak"]:
-        arrays["weak_step"] = np.array(ck["weak_step"], dtype=np.int64)
-    arrays["step"] = np.array(ck["step"], dtype=np.int64)
-    arrays["opt_k"] = np.array(ck["opt_k"], dtype=np.int64)
-    arrays["config"] = np.array(json.dumps(ck["config"], sort_keys=True))
+    arrays = _arrays(params={}, ema=ck["ema"], opt_state={}, opt_k=ck["opt_k"], step=ck["step"],
+                     config=ck["config"], weak=ck["weak"], weak_step=ck["weak_step"])
     try:
         atomic_write(out, lambda f: np.savez(f, **arrays))
     except OSError as e:

@@ -302,8 +302,9 @@ def evaluate_images(images, requested_labels, model=None, data_dir=None, batch_s
     reference, pixels): the class accuracy overall and for each requested digit ({"3": 0.95, ...}),
     fid against the MNIST test set (`reference`: dict(data, test_digits), the full test set or,
     offline, the embedded subset's 2,000 test digits: FIDs against the two do not compare), the
-    floor that `floor_n` real training digits drawn at random score, and the FID of the real digits below, which a perfect generator asked for the same
-    digits would score (all with this package's classifier). The last is the like-for-like floor:
+    floor that `floor_n` real training digits drawn at random score, and the FID of the real
+    digits below, which a perfect generator asked for the same digits would score (all with this
+    package's classifier). The last is the like-for-like floor:
     the test set's digits are not equally common (1s 11.4%, 5s 8.9%), and 1,000 real digits of
     each class score 0.42-0.46 against it where 10,000 drawn at random score 0.29-0.32.
     FID falls with the number of samples (real digits: about 3.8 at n = 1,000, 0.4 at 10,000,
