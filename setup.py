@@ -15,5 +15,5 @@ setup(
         "test": ["pytest", "autograd>=1.7"],
         "gpu": ["cupy-cuda12x"],
     },
-    entry_points={"console_scripts": ["tinyuvit=tinyuvit.cli:main"]},
+    entry_points={"console_scripts": ["tinyuvit=tinyuvit.tools.cli:main"]},
 )

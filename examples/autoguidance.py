@@ -42,7 +42,7 @@ class Autoguided:
 def autoguided(run, weak):
     """The model that run.diffusion.sample calls for `run` guided by `weak` (on every CPU core);
     ConfigError unless both runs use the same diffusion."""
-    from tinyuvit.parallel import on_cpu_threads
+    from tinyuvit.tools.parallel import on_cpu_threads
     d, w = run.diffusion, weak.diffusion
     same = (d.prediction, d.noise_schedule, d.T) == (w.prediction, w.noise_schedule, w.T) \
         and run.model.cfg.num_classes == weak.model.cfg.num_classes
@@ -73,9 +73,9 @@ def main(argv=None):
     from tinyuvit.backend import to_numpy
     from tinyuvit.diffusion import SampleConfig
     from tinyuvit.errors import TinyUViTError
-    from tinyuvit.evaluate import BATCH_SIZE, digit_labels
-    from tinyuvit.metrics import evaluate_images
-    from tinyuvit.progress import Progress
+    from tinyuvit.tools.evaluate import BATCH_SIZE, digit_labels
+    from tinyuvit.tools.metrics import evaluate_images
+    from tinyuvit.tools.progress import Progress
     try:
         lo_hi = tuple(float(v) for v in args.guidance_interval.split(","))
         how = SampleConfig(steps=args.steps, guidance=args.guidance, guidance_interval=lo_hi)

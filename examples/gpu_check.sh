@@ -64,7 +64,7 @@ fi
 
 if want bench; then
   step "bench tiny b128 beside PyTorch (fp32), with the kernels of one call"
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --compare unfused \
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.tools.cli bench --device gpu --compare torch --compare unfused \
     --preset tiny --batch 128 --rounds 3 --kernels --json "$OUT/bench_tiny.json" 2>&1
 fi
 
@@ -75,7 +75,7 @@ if want train; then
   train() {  # out-folder log args...
     local out=$1 log=$2; shift 2
     local start=$(date +%s.%N)
-    timeout -s TERM ${TRAIN_LIMIT:-250} $TIMER python3 -m tinyuvit.cli train-mnist --device gpu \
+    timeout -s TERM ${TRAIN_LIMIT:-250} $TIMER python3 -m tinyuvit.tools.cli train-mnist --device gpu \
       --out "$out" --quiet "$@" > "$log" 2>&1
     echo "exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s: train-mnist --device gpu $*" >> "$log"
   }
@@ -94,29 +94,29 @@ fi
 if want eval; then
   step "evaluate --device gpu --labels data (10,000 samples)"
   rm -f "$OUT/eval_weights.npz"   # export writes over no checkpoint, this script's own included
-  python3 -m tinyuvit.cli export --checkpoint "$RUN" --out "$OUT/eval_weights.npz" 2>&1
-  timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
+  python3 -m tinyuvit.tools.cli export --checkpoint "$RUN" --out "$OUT/eval_weights.npz" 2>&1
+  timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.tools.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
     --json "$OUT/eval.json" --picture "$OUT/eval_pixels.png" 2>&1
   if [ -d "$RUN-2" ]; then
     step "evaluate the second run ($TRAIN2_ARGS)"
-    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN-2" --quiet --labels data \
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.tools.cli evaluate --device gpu --checkpoint "$RUN-2" --quiet --labels data \
       --json /tmp/eval2.json 2>&1
   fi
   if [ -n "${EVAL_ARGS:-}" ]; then
     step "evaluate the first run with $EVAL_ARGS"
-    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
+    timeout ${EVAL_LIMIT:-100} python3 -m tinyuvit.tools.cli evaluate --device gpu --checkpoint "$RUN" --quiet --labels data \
       --json /tmp/eval3.json $EVAL_ARGS 2>&1
   fi
 fi
 
 if want bench-small; then
   step "bench small b512 beside PyTorch, fp32 then TF32"
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --compare unfused \
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.tools.cli bench --device gpu --compare torch --compare unfused \
     --preset small --batch 512 --rounds 2 --repeats 8 --warmup 3 --kernels --json "$OUT/bench_small.json" 2>&1
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --compare torch --tf32 --preset small \
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.tools.cli bench --device gpu --compare torch --tf32 --preset small \
     --batch 512 --rounds 2 --repeats 8 --warmup 3 --json "$OUT/bench_small_tf32.json" 2>&1
   step "memory at the GPU default batch (256) and a 4 GB card's (64)"
-  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.cli bench --device gpu --preset tiny --preset small --batch 256 64 \
+  timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.tools.cli bench --device gpu --preset tiny --preset small --batch 256 64 \
     --rounds 1 --repeats 2 --warmup 1 2>&1
 fi
 step "end"

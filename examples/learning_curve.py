@@ -30,7 +30,7 @@ def main():
     args = ap.parse_args()
 
     import tinyuvit
-    from tinyuvit.progress import Progress
+    from tinyuvit.tools.progress import Progress
 
     os.makedirs(args.out, exist_ok=True)
     rows = {}

@@ -34,7 +34,7 @@ def main():
     while pending or running:
         while pending and len(running) < args.parallel:
             name, flags = pending.pop(0)
-            cmd = [sys.executable, "-m", "tinyuvit.cli", "train-mnist", "--device", args.device,
+            cmd = [sys.executable, "-m", "tinyuvit.tools.cli", "train-mnist", "--device", args.device,
                    "--steps", str(args.steps), "--eval-every", str(args.eval_every),
                    "--eval-per-digit", str(args.eval_per_digit), "--sample-every", str(args.eval_every),
                    "--save-every", "0", "--quiet", "--out", os.path.join(args.out, name)]
@@ -72,7 +72,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tinyuvit.images import plain_log_ticks
+    from tinyuvit.tools.images import plain_log_ticks
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for name, rs in rows.items():
         steps = [r["step"] for r in rs]

@@ -6,7 +6,7 @@
 (OPENBLAS_NUM_THREADS=1 is as fast as more threads for these small matrices, and much faster
 when other programs share the cores.)
 
-Every piece is in tinyuvit/vit.py: the model (patches -> class token -> transformer blocks ->
+Every piece is in tinyuvit/tools/vit.py: the model (patches -> class token -> transformer blocks ->
 LayerNorm -> linear head), the softmax cross-entropy, AdamW with warmup and cosine decay, and
 random shifts of a pixel or two as augmentation.
 """
@@ -14,9 +14,9 @@ import argparse
 import time
 
 from tinyuvit.backend import Backend
-from tinyuvit.data import load_mnist
-from tinyuvit.images import to_model_range
-from tinyuvit.vit import ViT, ViTConfig, accuracy, fit
+from tinyuvit.tools.data import load_mnist
+from tinyuvit.tools.images import to_model_range
+from tinyuvit.tools.vit import ViT, ViTConfig, accuracy, fit
 
 
 def main():

@@ -11,8 +11,8 @@ import argparse
 import numpy as np
 
 from tinyuvit.backend import Backend
-from tinyuvit.data import load_mnist
-from tinyuvit.images import to_model_range
+from tinyuvit.tools.data import load_mnist
+from tinyuvit.tools.images import to_model_range
 from tinyuvit.diffusion import Schedule
 from tinyuvit.layers import timestep_embedding, unpatchify
 from tinyuvit.model import UViT, get_config

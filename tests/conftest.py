@@ -28,7 +28,7 @@ def backend(request):
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network, an empty cache: MNIST is the embedded subset (10,000 training digits)."""
-    from tinyuvit import data
+    from tinyuvit.tools import data
     monkeypatch.setattr(data, "MIRRORS", [])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TINYUVIT_DATA", raising=False)

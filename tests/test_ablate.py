@@ -1,4 +1,4 @@
-"""The ablation study (tinyuvit.ablate, `tinyuvit ablate`) on a tiny budget: the report, resume,
+"""The ablation study (tinyuvit.tools.ablate, `tinyuvit ablate`) on a tiny budget: the report, resume,
 refusals, divergence, signals, the variant list."""
 import dataclasses
 import json
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tinyuvit.ablate as ablate
+import tinyuvit.tools.ablate as ablate
 import tinyuvit.train as train_mod
-from tinyuvit.ablate import BUDGETS, Budget, count_params, list_variants, parse_only, plan_runs, run_study
+from tinyuvit.tools.ablate import BUDGETS, Budget, count_params, list_variants, parse_only, plan_runs, run_study
 from tinyuvit.diffusion import Diffusion
 from tinyuvit.errors import ConfigError, TrainingError
-from tinyuvit.files import RunLock
+from tinyuvit.tools.files import RunLock
 from tinyuvit.model import ablations
 
 from test_run_safety import cli, one_line   # the CLI runner and the one-line-error check

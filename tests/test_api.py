@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import tinyuvit
-from tinyuvit.cli import main, one_row_per_digit
+from tinyuvit.tools.cli import main, one_row_per_digit
 from tinyuvit.errors import CheckpointError, ConfigError
-from tinyuvit.images import grid
+from tinyuvit.tools.images import grid
 from tinyuvit.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

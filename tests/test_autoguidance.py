@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tinyuvit
-from tinyuvit import metrics
+from tinyuvit.tools import metrics
 from tinyuvit.diffusion import SampleConfig
 from tinyuvit.errors import ConfigError
 from tinyuvit.train import TrainConfig, train

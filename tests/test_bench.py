@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tinyuvit import bench
-from tinyuvit.bench import run_bench, uvit_flops
-from tinyuvit.cli import main
+from tinyuvit.tools import bench
+from tinyuvit.tools.bench import run_bench, uvit_flops
+from tinyuvit.tools.cli import main
 from tinyuvit.model import UViT, get_config
 
 SMALL = dict(dim=32, depth=2, num_heads=2)  # a model small enough for a benchmark in a test
@@ -177,7 +177,7 @@ def test_several_values_after_one_option(monkeypatch):
 @needs_torch
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_torch_model_has_the_same_parameter_count(preset):
-    from tinyuvit.torch_uvit import TorchUViT, copy_weights
+    from tinyuvit.tools.torch_uvit import TorchUViT, copy_weights
     cfg = get_config(preset)
     model = UViT(cfg)
     tm = copy_weights(TorchUViT(cfg), model)
@@ -187,7 +187,7 @@ def test_torch_model_has_the_same_parameter_count(preset):
 @needs_torch
 @pytest.mark.parametrize("overrides", [{}, dict(img_size=8, patch_size=2, in_chans=3, dim=12, depth=2, num_heads=3)])
 def test_torch_forward_equals_tinyuvit_in_float64(overrides):
-    from tinyuvit.torch_uvit import TorchUViT, copy_weights
+    from tinyuvit.tools.torch_uvit import TorchUViT, copy_weights
     cfg = get_config("tiny", **overrides)
     model = UViT(cfg, seed=3)
     rng = np.random.default_rng(0)

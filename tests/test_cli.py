@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tinyuvit.cli import main
+from tinyuvit.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_walk_example_prints_every_stage(tmp_path):
 def test_progress_bar_off_a_terminal_prints_plain_lines_once_each():
     import io
 
-    from tinyuvit.progress import Progress
+    from tinyuvit.tools.progress import Progress
     out = io.StringIO()
     with Progress(4, "train", unit="step", stream=out, log_every=0) as bar:
         for _ in range(4):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyuvit import data
-from tinyuvit.data import DataError
-from tinyuvit.images import from_model_range, to_model_range
+from tinyuvit.tools import data
+from tinyuvit.tools.data import DataError
+from tinyuvit.tools.images import from_model_range, to_model_range
 
 FULL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 HAVE_FULL = all((FULL / (name + ".gz")).is_file() for name in data.FILES)
@@ -212,7 +212,7 @@ def test_partial_cache_without_download_falls_back():
 
 
 def test_idx_reader_stands_alone(tmp_path):
-    from tinyuvit import idx
+    from tinyuvit.tools import idx
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     blob = idx.IMAGE_MAGIC.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
     (tmp_path / "x").write_bytes(blob + images.tobytes())

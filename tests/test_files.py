@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyuvit import files
+from tinyuvit.tools import files
 from tinyuvit.errors import ConfigError, TrainingError
-from tinyuvit.files import RunLock, atomic_write, check_output_path
+from tinyuvit.tools.files import RunLock, atomic_write, check_output_path
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -41,7 +41,7 @@ def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
 
 HOLD = """
 import sys, time
-from tinyuvit.files import RunLock
+from tinyuvit.tools.files import RunLock
 with RunLock(sys.argv[1], command="tinyuvit train-mnist --out " + sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

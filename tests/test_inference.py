@@ -10,7 +10,7 @@ from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend, to_numpy
 from tinyuvit.layers import Module
 from tinyuvit.model import UViT, UViTConfig, ablations, get_config
-from tinyuvit.parallel import DataParallel
+from tinyuvit.tools.parallel import DataParallel
 
 from test_layers import LAYERS, move
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.linalg import sqrtm
 
-from tinyuvit import metrics
-from tinyuvit.metrics import feature_stats, frechet_distance
+from tinyuvit.tools import metrics
+from tinyuvit.tools.metrics import feature_stats, frechet_distance
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
@@ -66,8 +66,8 @@ def test_sample_statistics_and_singular_covariances():
 @pytest.fixture(scope="module")
 def mnist():
     """(test images, test labels, data_dir): the full test set where it is present, else the subset."""
-    from tinyuvit.data import load_mnist
-    from tinyuvit.images import to_model_range
+    from tinyuvit.tools.data import load_mnist
+    from tinyuvit.tools.images import to_model_range
     data_dir = str(MNIST_DIR) if MNIST_DIR.is_dir() else None
     images, labels, source = load_mnist("test", data_dir=data_dir, download=False, quiet=True)
     if len(labels) < 1000:

@@ -7,7 +7,7 @@ import pytest
 
 from tinyuvit import kernels
 from tinyuvit.backend import Backend, to_numpy, xp_of
-from tinyuvit.checkpoint import load_checkpoint, save_checkpoint
+from tinyuvit.tools.checkpoint import load_checkpoint, save_checkpoint
 from tinyuvit.model import UViT, UViTConfig
 from tinyuvit.optim import EMA, AdamW, FlatParams, clip_grad_norm, lr_at
 

@@ -7,7 +7,7 @@ from tinyuvit.backend import Backend
 from tinyuvit.diffusion import Diffusion, SampleConfig
 from tinyuvit.model import UViT, UViTConfig
 from tinyuvit.optim import FlatParams
-from tinyuvit.parallel import DataParallel, on_cpu_threads
+from tinyuvit.tools.parallel import DataParallel, on_cpu_threads
 
 CFG = UViTConfig(img_size=8, patch_size=2, dim=16, depth=4, num_heads=2, num_classes=3)
 

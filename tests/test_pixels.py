@@ -8,11 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import tinyuvit
-from tinyuvit import metrics
-from tinyuvit.cli import main
+from tinyuvit.tools import metrics
+from tinyuvit.tools.cli import main
 from tinyuvit.errors import ConfigError
-from tinyuvit.images import digit_tiles, from_model_range, grid, mark_pixels, plot_pixels, to_model_range
-from tinyuvit.metrics import compare_pixels, histogram_distance, pixel_stats, real_digits
+from tinyuvit.tools.images import digit_tiles, from_model_range, grid, mark_pixels, plot_pixels, to_model_range
+from tinyuvit.tools.metrics import compare_pixels, histogram_distance, pixel_stats, real_digits
 from tinyuvit.train import TrainConfig, train
 
 P = 28 * 28   # pixels of a digit
@@ -231,7 +231,7 @@ def test_evaluate_prints_writes_and_draws_the_pixel_measures(tiny_run, tmp_path)
 
 @pytest.mark.usefixtures("offline")
 def test_bad_picture_paths_are_refused_before_sampling(tiny_run, tmp_path, monkeypatch):
-    import tinyuvit.evaluate as evaluate_mod
+    import tinyuvit.tools.evaluate as evaluate_mod
     monkeypatch.setattr(evaluate_mod, "sample_digits", lambda *a, **k: pytest.fail("sampled"))
     for path, words in [(tmp_path / "nodir" / "p.png", "does not exist"), (tmp_path / "p.txt", "must end in .png"),
                         (tiny_run, "must end in .png"), (tmp_path, "is a directory")]:
@@ -247,8 +247,8 @@ def test_bad_picture_paths_are_refused_before_sampling(tiny_run, tmp_path, monke
 @pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("per_digit", [1, 7, 300])
 def test_digit_labels_balanced_or_in_the_training_sets_proportions(per_digit):
-    from tinyuvit.data import load_mnist
-    from tinyuvit.evaluate import digit_labels
+    from tinyuvit.tools.data import load_mnist
+    from tinyuvit.tools.evaluate import digit_labels
     np.testing.assert_array_equal(digit_labels(per_digit), np.repeat(np.arange(10), per_digit))
     labels = digit_labels(per_digit, "data")
     n = 10 * per_digit

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from tinyuvit import checkpoint
-from tinyuvit.checkpoint import RESUME, CheckpointError, load_checkpoint, save_checkpoint
+from tinyuvit.tools import checkpoint
+from tinyuvit.tools.checkpoint import RESUME, CheckpointError, load_checkpoint, save_checkpoint
 from tinyuvit.model import UViT, UViTConfig
 from tinyuvit.train import TrainConfig
 
@@ -233,7 +233,7 @@ def test_unwritable_folder_says_no_checkpoint_survived(tmp_path):
 ])
 def test_classifier_options_out_of_range(tmp_path, options, words):
     from tinyuvit.errors import ConfigError
-    from tinyuvit.vit import train_classifier
+    from tinyuvit.tools.vit import train_classifier
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         train_classifier(tmp_path / "c.npz", progress=False, **options)
     assert not (tmp_path / "c.npz").exists()
@@ -241,7 +241,7 @@ def test_classifier_options_out_of_range(tmp_path, options, words):
 
 def test_classifier_epochs_that_train_no_step(tmp_path, offline):
     from tinyuvit.errors import ConfigError
-    from tinyuvit.vit import train_classifier
+    from tinyuvit.tools.vit import train_classifier
     with pytest.raises(ConfigError, match=r"--epochs 0.001 trains 0 steps of 128 on 10000 digits; "
                                           r"give --epochs >= 0.013"):
         train_classifier(tmp_path / "c.npz", epochs=0.001, progress=False)
@@ -249,7 +249,7 @@ def test_classifier_epochs_that_train_no_step(tmp_path, offline):
 
 def test_classifier_output_path_is_checked_first(good):
     from tinyuvit.errors import ConfigError
-    from tinyuvit.vit import train_classifier
+    from tinyuvit.tools.vit import train_classifier
     with pytest.raises(ConfigError, match="is a training checkpoint"):
         train_classifier(good, progress=False)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -257,7 +257,7 @@ def test_classifier_output_path_is_checked_first(good):
 
 
 def test_classifier_with_nan_weights_is_not_saved(tmp_path, offline, monkeypatch):
-    from tinyuvit import vit
+    from tinyuvit.tools import vit
     from tinyuvit.errors import TrainingError
 
     def diverge(model, *args, **kwargs):

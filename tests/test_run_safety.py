@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 import tinyuvit.layers as layers
 import tinyuvit.train as train_mod
-from tinyuvit.cli import main
+from tinyuvit.tools.cli import main
 from tinyuvit.errors import CheckpointError, ConfigError, TrainingError
-from tinyuvit.files import RunLock
+from tinyuvit.tools.files import RunLock
 from tinyuvit.optim import AdamW
 from tinyuvit.train import TrainConfig, train
 

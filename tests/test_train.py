@@ -10,8 +10,8 @@ from PIL import Image
 
 import tinyuvit.train as train_mod
 from tinyuvit.backend import cupy_status
-from tinyuvit.checkpoint import CheckpointError, load_checkpoint
-from tinyuvit.cli import main
+from tinyuvit.tools.checkpoint import CheckpointError, load_checkpoint
+from tinyuvit.tools.cli import main
 from tinyuvit.diffusion import Diffusion
 from tinyuvit.train import TrainConfig, TrainingError, train
 
@@ -214,7 +214,7 @@ def test_corrupt_checkpoint_is_refused_not_used(tmp_path):
 
 def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
     # with a real config and arrays: tests/test_reliability.py (a config needs its model now)
-    from tinyuvit.checkpoint import save_checkpoint
+    from tinyuvit.tools.checkpoint import save_checkpoint
     path = tmp_path / "checkpoint.npz"
     old = _tiny_cfg().to_dict()
     del old["prediction"], old["weighting"], old["clip_loss"]

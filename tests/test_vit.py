@@ -9,7 +9,7 @@ from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend
 from tinyuvit.layers import Module
 from tinyuvit.optim import lr_at
-from tinyuvit.vit import (SoftmaxCrossEntropy, ViT, ViTConfig, fit, predict_logits,
+from tinyuvit.tools.vit import (SoftmaxCrossEntropy, ViT, ViTConfig, fit, predict_logits,
                           random_shift)
 
 FD_TOL, AG_TOL = 1e-6, 1e-10

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 import tinyuvit
-from tinyuvit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinyuvit.cli import main
+from tinyuvit.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyuvit.tools.cli import main
 from tinyuvit.diffusion import SampleConfig, guided_output
 from tinyuvit.errors import ConfigError
 from tinyuvit.train import TrainConfig, train

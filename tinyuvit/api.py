@@ -13,13 +13,13 @@ import os
 import numpy as np
 
 from .backend import Backend
-from .checkpoint import load_checkpoint
+from .tools.checkpoint import load_checkpoint
 from .diffusion import Diffusion, SampleConfig
 from .errors import ConfigError
-from .evaluate import BATCH_SIZE, PER_DIGIT, check_count, check_picture, evaluate_model
-from .images import from_model_range
+from .tools.evaluate import BATCH_SIZE, PER_DIGIT, check_count, check_picture, evaluate_model
+from .tools.images import from_model_range
 from .model import network_with
-from .parallel import on_cpu_threads
+from .tools.parallel import on_cpu_threads
 
 
 class Run:
@@ -66,7 +66,7 @@ class Run:
         `classifier`: a path to a classifier made by `tinyuvit train-classifier`, or a loaded
         one (default: the one shipped with tinyuvit). `data_dir`: MNIST for the FID reference and
         the real digits. `picture`: a PNG path for pixel histograms and samples beside real digits."""
-        from .metrics import load_classifier, reference_stats
+        from .tools.metrics import load_classifier, reference_stats
         how = _sample_config(how, settings)
         per_digit = PER_DIGIT[self.model.backend.device] if per_digit is None else per_digit
         check_count("samples per digit (--per-digit)", per_digit, 2)

@@ -155,7 +155,7 @@ def cpu_threads():
 
 def set_cpu_threads(n):
     """Run on n CPU threads (None: every core): the model splits each batch across them
-    (tinyuvit.parallel), other work uses n BLAS threads. On a machine whose cores are busy with
+    (tinyuvit.tools.parallel), other work uses n BLAS threads. On a machine whose cores are busy with
     other work, fewer threads can be much faster: BLAS threads that wait for a busy core spin."""
     global _THREADS
     if n is None:

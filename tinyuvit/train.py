@@ -28,16 +28,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import Backend, to_numpy, xp_of
-from .checkpoint import config_differences, load_checkpoint, save_checkpoint
-from .data import dataset_difference
+from .tools.checkpoint import config_differences, load_checkpoint, save_checkpoint
+from .tools.data import dataset_difference
 from .diffusion import Diffusion, SampleConfig
 from .errors import CheckpointError, ConfigError, DivergedError, TrainingError  # noqa: F401 (TrainingError: re-exported)
-from .files import RunLock, atomic_write, remove_stale_parts
-from .images import plot_curves, save_grid
+from .tools.files import RunLock, atomic_write, remove_stale_parts
+from .tools.images import plot_curves, save_grid
 from .model import PRESETS, UViT, UViTConfig, get_config, network_with
 from .optim import EMA, AdamW, FlatParams, clip_grad_norm, lr_at
-from .parallel import on_cpu_threads
-from .progress import Progress
+from .tools.parallel import on_cpu_threads
+from .tools.progress import Progress
 
 # ----------------------------------------------------------------------------------------
 # The configuration: every default of `tinyuvit train-mnist` lives here
@@ -306,8 +306,8 @@ def _check_finite(loss, gnorm, step, run):
 
 def _training_data(backend, images, labels, data_dir, progress, log):
     """(images on the backend in [-1, 1] [N, 1, 28, 28], labels [N], identity of the data)."""
-    from .data import dataset_id, load_mnist
-    from .images import to_model_range
+    from .tools.data import dataset_id, load_mnist
+    from .tools.images import to_model_range
     if images is None:
         images, labels, source = load_mnist("train", data_dir=data_dir, quiet=not progress)
         log(f"data: {source}, {len(images)} training digits")
@@ -507,7 +507,7 @@ class _Evaluator:
     """Class accuracy and FID of the EMA model during training -> evals.jsonl and eval.png."""
 
     def __init__(self, cfg, run, backend, data_dir):
-        from .metrics import load_classifier, reference_stats
+        from .tools.metrics import load_classifier, reference_stats
         self.cfg, self.run, self.data_dir = cfg, run, data_dir
         self.path, self.plot = os.path.join(run.path, "evals.jsonl"), os.path.join(run.path, "eval.png")
         self.classifier = load_classifier(backend=backend)
@@ -515,7 +515,7 @@ class _Evaluator:
         self.rows = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= (run.saved_step or 0)]
 
     def __call__(self, model, diffusion, step, log, weak=None):
-        from .evaluate import evaluate_model
+        from .tools.evaluate import evaluate_model
         c = self.cfg
         res = evaluate_model(model, diffusion, c.eval_per_digit, c.sample_config(), classifier=self.classifier,
                              reference=self.reference, data_dir=self.data_dir, weak=weak)

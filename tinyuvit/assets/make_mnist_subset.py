@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyuvit.data import SPLITS, SUBSET_PATH, _read_verified
+from tinyuvit.tools.data import SPLITS, SUBSET_PATH, _read_verified
 
 SEED = 0
 PER_CLASS = {"train": 1000, "test": 200}

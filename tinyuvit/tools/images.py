@@ -5,7 +5,7 @@ import textwrap
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 from .files import atomic_write
 
 

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .backend import cpu_threads
-from .optim import flatten
+from ..backend import cpu_threads
+from ..optim import flatten
 
 _BLAS = None
 

@@ -11,11 +11,11 @@ import sys
 
 import click
 
-from .diffusion import CLIP_LOSSES, PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
+from ..diffusion import CLIP_LOSSES, PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
 from .evaluate import LABELS
-from .errors import TinyUViTError
-from .model import INITS, PRESETS
-from .train import GPU_DEFAULTS, TrainConfig
+from ..errors import TinyUViTError
+from ..model import INITS, PRESETS
+from ..train import GPU_DEFAULTS, TrainConfig
 
 # OS errors that are the machine's state, not a bug: shown in one line like the project's own.
 _OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -131,12 +131,12 @@ def ink_percentile_option(fn):
 
 
 def _set_threads(threads):
-    from .backend import set_cpu_threads
+    from ..backend import set_cpu_threads
     set_cpu_threads(threads)
 
 
 def _parse_digits(text):
-    from .api import check_digits
+    from ..api import check_digits
     if text.strip().lower() == "all":
         return list(range(10))
     return check_digits([d for d in text.replace(" ", "").split(",") if d != ""] or [text])
@@ -221,8 +221,8 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
     digit) and checkpoint.npz. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and exits with
     status 128 + the signal's number; --resume continues from it.
     """
-    from .backend import Backend
-    from .train import train
+    from ..backend import Backend
+    from ..train import train
     cfg = TrainConfig.for_device(
         device, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
@@ -269,7 +269,7 @@ def train_mnist(preset, steps, batch_size, lr, warmup, lr_schedule, weight_decay
 def sample_cmd(ckpt, digits, count, sampler, steps, guidance, guidance_interval, autoguidance, final_sigma,
                ink_percentile, eta, seed, device, weights, out_path, gif, quiet, threads):
     """Draw digits from a trained run and save them as a grid (one row per digit)."""
-    from .api import load
+    from ..api import load
     from .evaluate import check_count
     from .files import check_output_path
     from .images import from_model_range, save_gif, save_grid
@@ -365,7 +365,7 @@ def evaluate_cmd(ckpt, per_digit, labels, sampler, steps, guidance, guidance_int
     of the pixel histograms (0 = the same, 1 = no value in common).
     """
     import json
-    from .api import load
+    from ..api import load
     from .evaluate import PER_DIGIT, check_count
     from .files import atomic_write, check_output_path
     from .progress import Progress
@@ -444,7 +444,7 @@ def export_cmd(ckpt, out_path):
     Writes the EMA weights, the early weights for autoguidance, the step and the config, without
     the raw weights and the optimizer's moments: `sample`, `evaluate` and tinyuvit.load() take
     it as --checkpoint; training cannot resume from it. The library call:
-    tinyuvit.checkpoint.export_weights(checkpoint, out).
+    tinyuvit.tools.checkpoint.export_weights(checkpoint, out).
     """
     from .checkpoint import export_weights, resolve
     from .files import check_output_path
@@ -477,7 +477,7 @@ def train_classifier_cmd(epochs, batch_size, lr, seed, device, data_dir, out_pat
     The package ships one (tinyuvit/assets/classifier.npz, made with the defaults); this command
     re-creates it, or trains your own: score with it by `tinyuvit evaluate --classifier FILE`.
     """
-    from .backend import Backend
+    from ..backend import Backend
     from .evaluate import check_count
     from .vit import train_classifier
     check_count("seed (--seed)", seed, 0)
@@ -491,19 +491,19 @@ def train_classifier_cmd(epochs, batch_size, lr, seed, device, data_dir, out_pat
 @main.command("gradcheck")
 def gradcheck_cmd():
     """Check every layer's hand-written backward against finite differences (and autograd)."""
-    from .gradcheck import main as run
+    from ..gradcheck import main as run
     sys.exit(run())
 
 
 # ----------------------------------------------------------------------------------------
-# tinyuvit bench: a thin shell over tinyuvit.bench.run_bench
+# tinyuvit bench: a thin shell over tinyuvit.tools.bench.run_bench
 # ----------------------------------------------------------------------------------------
 
 def _more_values(ctx, presets, batches):
     """Let `--batch 64 128` and `--preset tiny small` list several values after one option:
     click leaves the extra words in ctx.args; integers are batch sizes, names are presets."""
-    from .errors import ConfigError
-    from .model import PRESETS
+    from ..errors import ConfigError
+    from ..model import PRESETS
     more_presets = [a for a in ctx.args if a in PRESETS]
     more_batches = [a for a in ctx.args if a not in PRESETS]
     for a in more_batches:
@@ -565,7 +565,7 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
 
 
 # ----------------------------------------------------------------------------------------
-# tinyuvit ablate: a thin shell over tinyuvit.ablate.run_study
+# tinyuvit ablate: a thin shell over tinyuvit.tools.ablate.run_study
 # ----------------------------------------------------------------------------------------
 
 def _budget_help():

@@ -20,8 +20,8 @@ import zipfile
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import CheckpointError
+from ..backend import to_numpy
+from ..errors import CheckpointError
 from .files import atomic_write
 
 NAME = "checkpoint.npz"                 # a run folder's checkpoint
@@ -229,8 +229,8 @@ def config_problem(config):
     Fields that TrainConfig does not know (records such as the data identity) are not checked."""
     import dataclasses
 
-    from .model import UViTConfig
-    from .train import TrainConfig  # here, not at the top: train imports this module
+    from ..model import UViTConfig
+    from ..train import TrainConfig  # here, not at the top: train imports this module
     model = config.get("model")
     if not isinstance(model, dict):
         return "no model configuration" if model is None else f"model is a {type(model).__name__}, not an object"
@@ -252,7 +252,7 @@ def config_problem(config):
 
 def _model_shapes(model_config):
     """{name: shape} of every parameter of the model that `model_config` describes."""
-    from .model import UViT, UViTConfig
+    from ..model import UViT, UViTConfig
     return {name: tuple(a.shape) for name, a in UViT(UViTConfig.from_dict(model_config)).state_dict().items()}
 
 

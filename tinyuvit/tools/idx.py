@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801
 

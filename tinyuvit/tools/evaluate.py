@@ -1,11 +1,11 @@
 """Score a diffusion model: sample N digits of each class, then class accuracy and FID
-(tinyuvit.metrics, with tinyuvit's own MNIST classifier: no download needed), and the pixels
+(tinyuvit.tools.metrics, with tinyuvit's own MNIST classifier: no download needed), and the pixels
 of the samples beside as many real digits."""
 import numpy as np
 
-from .backend import to_numpy
-from .diffusion import SampleConfig
-from .errors import ConfigError
+from ..backend import to_numpy
+from ..diffusion import SampleConfig
+from ..errors import ConfigError
 from .parallel import on_cpu_threads
 
 # Samples per digit of `tinyuvit evaluate` (and Run.evaluate): 3,000 digits in all on a CPU,

@@ -2,7 +2,7 @@
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021 (arXiv 2010.11929). The same
 blocks as U-ViT, used the ordinary way: a class token is read out by a linear head. tinyuvit uses
-it to score generated digits (tinyuvit.metrics): its penultimate features give a FID, its
+it to score generated digits (tinyuvit.tools.metrics): its penultimate features give a FID, its
 predictions a class accuracy.
 
     image x [B, 1, 28, 28]  in [-1, 1]                      (shapes for patch 7, N = 16 patches)
@@ -16,7 +16,7 @@ predictions a class accuracy.
 The shipped classifier, tinyuvit/assets/classifier.npz (538,634 parameters, 2.0 MB), is what the
 defaults here produce; it was made with
 
-    from tinyuvit.vit import train_classifier     # run with OPENBLAS_NUM_THREADS=1
+    from tinyuvit.tools.vit import train_classifier     # run with OPENBLAS_NUM_THREADS=1
     train_classifier("tinyuvit/assets/classifier.npz", data_dir="/work/shared/data/mnist")
 
 i.e. ViTConfig(patch_size=7, dim=128, depth=4, num_heads=4, mlp_ratio=2) (16 patch tokens + the
@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .backend import Backend, synchronize, to_numpy, xp_of
+from ..backend import Backend, synchronize, to_numpy, xp_of
 from .files import atomic_write
-from .layers import Block, LayerNorm, Linear, Module, PatchEmbed, PosEmbed
-from .model import check_sizes
-from .optim import AdamW, lr_at
+from ..layers import Block, LayerNorm, Linear, Module, PatchEmbed, PosEmbed
+from ..model import check_sizes
+from ..optim import AdamW, lr_at
 from .progress import Progress
 
 
@@ -261,7 +261,7 @@ def _check_classifier_options(epochs, batch_size, lr, steps, weight_decay, max_s
     """ConfigError, naming the option as the command line spells it, for a value out of range."""
     import math
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     def number(v):
         return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
@@ -297,7 +297,7 @@ def train_classifier(out_path, epochs=18, batch_size=128, lr=2e-3, seed=0, data_
     is saved.
     """
     from .data import load_mnist
-    from .errors import ConfigError, TrainingError
+    from ..errors import ConfigError, TrainingError
     from .files import check_output_path
     from .images import to_model_range
 

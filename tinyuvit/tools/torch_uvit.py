@@ -149,7 +149,7 @@ def copy_weights(torch_model, model):
 
     Every tinyuvit parameter goes to exactly one PyTorch parameter and every PyTorch parameter
     is written once; anything left over raises, so equal parameter counts follow."""
-    from .backend import to_numpy
+    from ..backend import to_numpy
     modules = dict(torch_model.named_modules())
     written = set()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Scores for generated digits, offline: class accuracy and a FID with tinyuvit's own MNIST classifier.
 
 - class accuracy: the fraction of samples that the shipped ViT classifier (tinyuvit/assets/
-  classifier.npz, see tinyuvit.vit) reads as the digit that was asked for.
+  classifier.npz, see tinyuvit.tools.vit) reads as the digit that was asked for.
 - FID (Heusel et al., NeurIPS 2017): the Frechet distance between Gaussians fitted to the
   classifier's penultimate features (the final LayerNorm's class token, 128 numbers) of the
   samples and of the 10,000 MNIST test digits. It is NOT comparable with Inception-based FIDs
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from .backend import Backend, to_numpy
-from .errors import DataError
+from ..backend import Backend, to_numpy
+from ..errors import DataError
 from .files import atomic_write
 from .vit import ViT
 
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "classifier.npz"
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "assets" / "classifier.npz"
 
 
 # ----------------------------------------------------------------------------------------

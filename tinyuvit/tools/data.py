@@ -1,4 +1,4 @@
-"""MNIST: find or download the four IDX files (read by tinyuvit.idx), or fall back to an embedded subset.
+"""MNIST: find or download the four IDX files (read by tinyuvit.tools.idx), or fall back to an embedded subset.
 
 Search order for the full set: the `data_dir` argument, then `$TINYUVIT_DATA`, then the per-user
 cache (`$XDG_CACHE_HOME/tinyuvit/mnist`, default `~/.cache/tinyuvit/mnist`). If none holds it,
@@ -38,7 +38,7 @@ MIRRORS = [
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 ]
-SUBSET_PATH = Path(__file__).resolve().parent / "assets" / "mnist_subset.npz"
+SUBSET_PATH = Path(__file__).resolve().parents[1] / "assets" / "mnist_subset.npz"
 ENV_VAR = "TINYUVIT_DATA"
 FIX_HINT = ("delete it and rerun to download it again, or pass --data-dir DIR with good copies "
             "of the four MNIST files")
@@ -47,7 +47,7 @@ _verified = set()       # (path, size, mtime_ns) of files whose checksum passed 
 _state = {"noted": False, "download_failed": None}
 
 
-from .errors import DataError, DownloadError  # noqa: F401,E402
+from ..errors import DataError, DownloadError  # noqa: F401,E402
 
 
 def cache_dir():
@@ -98,7 +98,7 @@ def _with_hint(read, *args):
 
 def read_idx(path):
     """A uint8 array from an IDX file (.gz or raw), after checking its magic, shape and size
-    (tinyuvit.idx.read_idx, with the advice of how to get a good copy in its errors)."""
+    (tinyuvit.tools.idx.read_idx, with the advice of how to get a good copy in its errors)."""
     return _with_hint(idx.read_idx, path)
 
 

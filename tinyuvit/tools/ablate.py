@@ -6,7 +6,7 @@ variant of model.ablations() trains with the same budget, seed, data order and r
 scored the same way; U-ViT itself trains with several seeds, so that its seed spread shows which
 differences are larger than noise.
 
-    from tinyuvit.ablate import run_study
+    from tinyuvit.tools.ablate import run_study
     run_study("runs/ablate-quick", "quick", only="skip,time")
     tinyuvit ablate --quick --only skip,time                    (the same, from the shell)
 
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import checkpoint_step
-from .diffusion import SampleConfig
-from .errors import ConfigError, DivergedError
+from ..diffusion import SampleConfig
+from ..errors import ConfigError, DivergedError
 from .evaluate import check_count
 from .files import RunLock, atomic_write
-from .model import CHOICES, UViT, ablations, get_config
-from .train import StopSignals, TrainConfig, _read_jsonl, saved_with_defaults, train
+from ..model import CHOICES, UViT, ablations, get_config
+from ..train import StopSignals, TrainConfig, _read_jsonl, saved_with_defaults, train
 
 # ----------------------------------------------------------------------------------------
 # Budgets: how much every run of a study gets
@@ -244,7 +244,7 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
     diverged and the study goes on. SIGINT, SIGTERM or SIGHUP stop the study (a run in training
     saves first) and the result has `stopped` set to the signal's name.
     """
-    from .backend import Backend
+    from ..backend import Backend
     budget = get_budget(budget)
     runs = plan_runs(budget, only)
     _check_built(budget, runs)
@@ -381,15 +381,15 @@ def train_seconds(rows):
 class _Scorer:
     """The final score of a run's EMA weights: `final_per_digit` samples of each digit with fixed
     noise, class accuracy and FID. The classifier is loaded once for the whole study (the
-    reference statistics are cached on disk by tinyuvit.metrics)."""
+    reference statistics are cached on disk by tinyuvit.tools.metrics)."""
 
     def __init__(self, budget, device, data_dir, progress=True):
         self.budget, self.device, self.data_dir, self.progress = budget, device, data_dir, progress
         self.classifier = None
 
     def __call__(self, folder):
-        from .api import load
-        from .backend import Backend
+        from ..api import load
+        from ..backend import Backend
         from .metrics import load_classifier
         from .progress import Progress
         b = self.budget

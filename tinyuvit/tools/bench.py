@@ -7,7 +7,7 @@ What is timed, per preset and batch B:
   train step         what tinyuvit.train does per step: the diffusion loss (v prediction,
                      min-snr+1 weights, gamma 5: TrainConfig's defaults), backward, global-norm
                      clip, AdamW, EMA. On the CPU the model is split over the threads
-                     (tinyuvit.parallel), as training does.
+                     (tinyuvit.tools.parallel), as training does.
   sampling forward   one guided prediction: the network on the doubled batch (B conditional
                      + B null labels, 2B images) without gradients, as diffusion.guided_output.
 img/s counts the B images of the batch (for sampling: guided predictions per second).
@@ -29,10 +29,10 @@ How:
     (Python and the libraries included: compare it between runs of the same library); on the
     GPU the pool's most bytes in use (parameters and data included, the CUDA context not).
 
-`compare="torch"` builds the same network in PyTorch (tinyuvit/torch_uvit.py, same parameter
+`compare="torch"` builds the same network in PyTorch (tinyuvit/tools/torch_uvit.py, same parameter
 count, tinyuvit's weights copied in) and does the same work: same loss, clip, AdamW, EMA, same
 batch and threads. `compare="blas"` (CPU) times the unsplit model with multi-threaded BLAS
-instead of tinyuvit.parallel. `compare="unfused"` (GPU) times tinyuvit without its fused
+instead of tinyuvit.tools.parallel. `compare="unfused"` (GPU) times tinyuvit without its fused
 kernels (tinyuvit/kernels.py): the plain array code on CuPy. Several can be given as a tuple,
 e.g. ("torch", "unfused"). `profile=True` adds a per-layer profile of one training step and
 one sampling forward.
@@ -49,12 +49,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from .backend import Backend, cpu_threads, cupy_status, set_cpu_threads, synchronize, xp_of
-from .diffusion import Schedule
-from .errors import BackendError, ConfigError
-from .kernels import use as use_fused_kernels
-from .model import PRESETS, UViT, get_config
-from .optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
+from ..backend import Backend, cpu_threads, cupy_status, set_cpu_threads, synchronize, xp_of
+from ..diffusion import Schedule
+from ..errors import BackendError, ConfigError
+from ..kernels import use as use_fused_kernels
+from ..model import PRESETS, UViT, get_config
+from ..optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
 
 WHATS = ("train step", "sampling forward")
 IMPLS = {"torch": "torch", "blas": "tinyuvit-blas", "unfused": "tinyuvit-unfused"}   # compare -> what runs
@@ -99,7 +99,7 @@ def step_flops(cfg, batch, what):
 
 def train_settings():
     """The training recipe timed by the benchmark: TrainConfig's defaults."""
-    from .train import TrainConfig
+    from ..train import TrainConfig
     return TrainConfig()
 
 
@@ -177,7 +177,7 @@ def setup_torch(cfg, batch, device="cpu", threads=None, tf32=False):
     (noise, timesteps and label dropout drawn on the host with NumPy, as tinyuvit does),
     clip_grad_norm_, torch.optim.AdamW, an EMA with torch._foreach ops."""
     import torch
-    from .diffusion import clip_side, forgiven, loss_weight
+    from ..diffusion import clip_side, forgiven, loss_weight
     from .torch_uvit import TorchUViT, copy_weights
     tc = train_settings()
     if device == "gpu":
@@ -539,10 +539,10 @@ def _gpu_info(impls):
 
 def _spawn(spec):
     """Run `_worker(spec)` in a fresh Python process; its answer is the last line it prints."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env["CUPY_TF32"] = "1" if spec.get("tf32") else "0"    # read by CuPy at its first float32 matmul
-    proc = subprocess.run([sys.executable, "-m", "tinyuvit.bench", "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "tinyuvit.tools.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({spec['job']}, {spec.get('impls')}):\n{proc.stderr[-3000:]}")

@@ -11,7 +11,7 @@ try:  # POSIX: flock locks that the OS drops when the holder dies, so no lock is
 except ImportError:  # Windows: RunLock does nothing (see RunLock)
     fcntl = None
 
-from .errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 
 PART_SUFFIX = ".part"      # atomic_write's temporary files: .<name>.<random>.part
 LOCK_NAME = ".lock"        # RunLock's file in the run folder

@@ -1,0 +1,13 @@
+"""The tools around the model: what trains, scores, times and stores it, but is not U-ViT itself.
+
+    cli          the `tinyuvit` command, a thin shell over the library calls below
+    checkpoint   saving and loading runs (checkpoint.npz, exported weights)
+    data, idx    MNIST: find, check, download or fall back to the embedded subset
+    images       grids, GIFs and plots
+    files        atomic writes, run-folder locks, output-path checks
+    progress     the progress bar
+    parallel     splitting a batch over CPU threads
+    vit, metrics, evaluate   the ViT classifier, FID and pixel measures, `tinyuvit evaluate`
+    bench, torch_uvit        timing against a PyTorch U-ViT with the same weights
+    ablate       the paper's ablation study
+"""
