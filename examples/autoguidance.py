@@ -71,7 +71,7 @@ def main(argv=None):
 
     import tinyuvit
     from tinyuvit.backend import to_numpy
-    from tinyuvit.diffusion import SampleConfig
+    from tinyuvit.sampling import SampleConfig
     from tinyuvit.errors import TinyUViTError
     from tinyuvit.tools.evaluate import BATCH_SIZE, digit_labels
     from tinyuvit.tools.metrics import evaluate_images

@@ -11,6 +11,8 @@ from PIL import Image
 
 import tinyuvit.tools.ablate as ablate
 import tinyuvit.train as train_mod
+from tinyuvit.config import SAVED_BEFORE, TrainConfig, from_saved
+from tinyuvit.tools.checkpoint import load_checkpoint
 from tinyuvit.tools.ablate import BUDGETS, Budget, count_params, list_variants, parse_only, plan_runs, run_study
 from tinyuvit.diffusion import Diffusion
 from tinyuvit.errors import ConfigError, TrainingError
@@ -48,8 +50,8 @@ def study(out, budget=TEST, only="uvit", lines=None, **kw):
 def test_a_study_writes_its_report_records_a_divergence_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     real_loss, poison = Diffusion.loss, {"on": False}
 
-    def loss(pred, target, weight, side=None):   # NaN in skip=add's run
-        value, grad = real_loss(pred, target, weight, side)
+    def loss(pred, batch):   # NaN in skip=add's run
+        value, grad = real_loss(pred, batch)
         return (float("nan"), grad) if poison["on"] else (value, grad)
 
     real_train = ablate.train
@@ -105,7 +107,7 @@ def test_a_signal_stops_the_study_and_the_same_command_resumes_it(tmp_path, monk
     assert r.exit_code == 128 + signal.SIGTERM, r.output
     assert "run the same command again" in r.output
     assert (tmp_path / "uvit" / "result.json").is_file() and not (tmp_path / "uvit-seed1" / "result.json").exists()
-    assert train_mod.load_checkpoint(tmp_path / "uvit-seed1")["step"] == 3     # saved first
+    assert load_checkpoint(tmp_path / "uvit-seed1")["step"] == 3     # saved first
     assert "U-ViT (seed 0)" in (tmp_path / "results.md").read_text()           # the report so far
 
     monkeypatch.setattr(train_mod, "step_rng", real)
@@ -187,7 +189,7 @@ def test_budgets_are_checked_and_the_folder_is_locked(tmp_path):
     assert (quick.steps, quick.batch_size, quick.model, len(quick.seeds)) == (2500, 64, {"dim": 64}, 3)
     assert len(BUDGETS["default"].seeds) >= 3
     cfg = quick.train_config(2, {"skip": "add"})
-    assert cfg.seed == 2 and cfg.model_overrides == {"dim": 64, "skip": "add"} and cfg.lr == train_mod.TrainConfig.lr
+    assert cfg.seed == 2 and cfg.model_overrides == {"dim": 64, "skip": "add"} and cfg.lr == TrainConfig.lr
     for bad, words in ((dict(seeds=()), "seeds"), (dict(seeds=(0, 0)), "seeds"), (dict(steps=0), "--steps"),
                        (dict(final_per_digit=1), "final_per_digit"), (dict(model={"dim": 15}), "num_heads")):
         with pytest.raises(ConfigError, match=words):
@@ -220,8 +222,10 @@ def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():
     recipe = ablate._recipe(budget)
     assert recipe["pos_init"] == "normal" and budget.sample_config().guidance_interval == (0.0, float("inf"))
     assert recipe["snr_gamma"] == 5.0
-    old = {k: v for k, v in recipe.items() if k not in train_mod.FIELDS_ADDED}
+    added_since = ("noise_schedule", "pos_init", "conv_init", "weak_at", "clip_loss")   # after the first studies
+    assert set(added_since) <= set(SAVED_BEFORE)
+    old = {k: v for k, v in recipe.items() if k not in added_since}
     old["model"] = {k: v for k, v in recipe["model"].items() if k not in INITS}
-    ablate._check_same("study", train_mod.saved_with_defaults(old), recipe)
+    ablate._check_same("study", from_saved(old), recipe)
     with pytest.raises(ConfigError, match="lr"):
-        ablate._check_same("study", train_mod.saved_with_defaults(dict(old, lr=1.0)), recipe)
+        ablate._check_same("study", from_saved(dict(old, lr=1.0)), recipe)

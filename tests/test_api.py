@@ -12,7 +12,8 @@ import tinyuvit
 from tinyuvit.tools.cli import main, one_row_per_digit
 from tinyuvit.errors import CheckpointError, ConfigError
 from tinyuvit.tools.images import grid
-from tinyuvit.train import TrainConfig, train
+from tinyuvit.config import TrainConfig
+from tinyuvit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

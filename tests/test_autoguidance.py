@@ -7,9 +7,10 @@ import pytest
 
 import tinyuvit
 from tinyuvit.tools import metrics
-from tinyuvit.diffusion import SampleConfig
+from tinyuvit.sampling import SampleConfig
 from tinyuvit.errors import ConfigError
-from tinyuvit.train import TrainConfig, train
+from tinyuvit.config import TrainConfig
+from tinyuvit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import autoguidance  # noqa: E402

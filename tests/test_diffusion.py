@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from tinyuvit.diffusion import PREDICTIONS, Diffusion, SampleConfig, Schedule, guided_output, scale_ink
+from tinyuvit.diffusion import PREDICTIONS, Diffusion, Schedule
+from tinyuvit.sampling import SampleConfig, guided_output, scale_ink
 from tinyuvit.errors import ConfigError
 from tinyuvit.model import UViTConfig
 
@@ -69,7 +70,7 @@ class CleanOracle(GaussianOracle):
 def _draw(oracle, sampler, steps, n=256, clip=False, seed=1, prediction="eps", final_sigma=0.0):
     labels = np.zeros(n, dtype=np.int64)
     how = SampleConfig(sampler=sampler, steps=steps, guidance=0.0, clip=clip, final_sigma=final_sigma)
-    d = Diffusion(prediction=prediction, noise_schedule=oracle.schedule.kind)
+    d = Diffusion(prediction=prediction, noise_schedule=oracle.schedule.kind, clip_loss="none")
     return d.sample(oracle, labels, np.random.default_rng(seed), how)
 
 
@@ -111,11 +112,12 @@ def test_loss_targets_and_weights(prediction, weighting):
             return target + self.offset
 
     m = Exact()
-    diffusion = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0)
+    diffusion = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0, noise_schedule="linear",
+                          clip_loss="none")
 
     def loss_of(model):
-        xt, t, labels, target, w, _ = diffusion.noisy_batch(x0, y, np.random.default_rng(7), 0.1, 3)
-        return diffusion.loss(model.forward(xt, t, labels), target, w)
+        batch = diffusion.noisy_batch(x0, y, np.random.default_rng(7), 0.1, 3)
+        return diffusion.loss(model.forward(batch.xt, batch.t, batch.y), batch)
 
     loss, d = loss_of(m)
     assert loss < 1e-12 and np.abs(d).max() < 1e-12
@@ -140,13 +142,15 @@ def test_every_prediction_pays_the_same_for_the_same_x0_error(weighting):
     error = 0.1 * rng.standard_normal(x0.shape)          # the x0 every network gets wrong by
     losses = []
     for prediction in PREDICTIONS:
-        d = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0, noise_schedule="cosine")
-        xt, t, _, target, w, _ = d.noisy_batch(x0, y, np.random.default_rng(7))
+        d = Diffusion(prediction=prediction, weighting=weighting, snr_gamma=5.0, noise_schedule="cosine",
+                      clip_loss="none")
+        batch = d.noisy_batch(x0, y, np.random.default_rng(7))
+        xt, t = batch.xt, batch.t
         a = sched.abar(t)[:, None, None, None]
         x0_pred = x0 + error
         eps_pred = (xt - np.sqrt(a) * x0_pred) / np.sqrt(1 - a)
         out = {"eps": eps_pred, "v": np.sqrt(a) * eps_pred - np.sqrt(1 - a) * x0_pred, "x0": x0_pred}[prediction]
-        losses.append(d.loss(out, target, w)[0])
+        losses.append(d.loss(out, batch)[0])
     np.testing.assert_allclose(losses, losses[0], rtol=1e-9)
 
 
@@ -160,23 +164,24 @@ def test_clip_loss_forgives_only_an_x0_beyond_a_bound_that_the_target_sits_on(pr
     y = np.zeros(32, dtype=np.int64)
     x0_pred = x0 + 0.2 * rng.standard_normal(x0.shape)
     d = Diffusion(prediction=prediction, snr_gamma=5.0, noise_schedule="cosine", clip_loss=clip_loss)
-    xt, t, _, target, w, side = d.noisy_batch(x0, y, np.random.default_rng(7))
+    batch = d.noisy_batch(x0, y, np.random.default_rng(7))
+    xt, t = batch.xt, batch.t
     a = d.schedule.abar(t)[:, None, None, None]
     eps_pred = (xt - np.sqrt(a) * x0_pred) / np.sqrt(1 - a)
     out = {"eps": eps_pred, "v": np.sqrt(a) * eps_pred - np.sqrt(1 - a) * x0_pred, "x0": x0_pred}[prediction]
-    loss, dout = d.loss(out, target, w, side)
+    loss, dout = d.loss(out, batch)
     beyond = ((x0 == -1) & (x0_pred < -1)) | ((x0 == 1) & (x0_pred > 1) & (clip_loss == "both"))
     assert 0.05 < beyond.mean() < 0.4                                # the case occurs, not everywhere
     x0_weight = np.minimum(a / (1 - a) + 1, 5.0)
     expected = (x0_weight * (x0_pred - x0) ** 2 * ~beyond).mean()
     assert math.isclose(loss, expected, rel_tol=1e-9)
     assert np.all(dout[beyond] == 0) and np.all(dout[~beyond] != 0)
-    plain = Diffusion(prediction=prediction, snr_gamma=5.0, noise_schedule="cosine")
-    xt2, _, _, target2, w2, no_side = plain.noisy_batch(x0, y, np.random.default_rng(7))
-    assert no_side is None and np.array_equal(xt2, xt)
-    assert plain.loss(out, target2, w2)[0] > loss                   # without it every error counts
-    side32 = d.noisy_batch(x0.astype(np.float32), y, np.random.default_rng(7))[5]
-    assert side32.dtype == np.float32 and np.array_equal(side32, side)   # no float64 batch per step
+    plain = Diffusion(prediction=prediction, snr_gamma=5.0, noise_schedule="cosine", clip_loss="none")
+    plain_batch = plain.noisy_batch(x0, y, np.random.default_rng(7))
+    assert plain_batch.side is None and np.array_equal(plain_batch.xt, xt)
+    assert plain.loss(out, plain_batch)[0] > loss                   # without it every error counts
+    side32 = d.noisy_batch(x0.astype(np.float32), y, np.random.default_rng(7)).side
+    assert side32.dtype == np.float32 and np.array_equal(side32, batch.side)   # no float64 batch per step
 
 
 def test_cosine_schedule():
@@ -197,7 +202,7 @@ def test_cosine_schedule():
     with pytest.raises(ConfigError, match="--noise-schedule"):
         Diffusion(noise_schedule="quadratic")
     d = Diffusion(noise_schedule="cosine")
-    assert Diffusion.from_dict(d.to_dict()) == d and Diffusion.from_dict({}).noise_schedule == "linear"
+    assert Diffusion.from_dict(d.to_dict()) == d and Diffusion.from_dict({}) == Diffusion()
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -223,7 +228,7 @@ def test_the_last_step_from_a_final_sigma_gives_the_mean_clean_image_there(sampl
     spread = math.sqrt(a) * 0.2 ** 2 / math.sqrt(a * 0.2 ** 2 + 1 - a)
     assert abs(x.mean() - 0.3) < 0.005 and abs(x.std() - spread) < 0.004, (x.std(), spread)
     how = SampleConfig(sampler=sampler, steps=steps or 20, final_sigma=0.5)
-    ts = Diffusion(noise_schedule="cosine").sampler_timesteps(how)
+    ts = Diffusion(noise_schedule="cosine", clip_loss="none").sampler_timesteps(how)
     assert ts[0] == 999 and ts[-1] == t and np.all(np.diff(ts) < 0) and len(ts) == (steps or 1000 - t)
     # any sigma at or below the cleanest step's (0.0064) ends at t = 0, as 0 does
     assert sched.t_at_sigma(0.001) == sched.t_at_sigma(0.0064) == 0 and sched.t_at_sigma(0.01) > 0
@@ -262,7 +267,7 @@ def test_the_ink_percentile_scales_the_last_x0_only(sampler, steps):
     the one at it reach 1, and the rest are the clipped-alone pixels under one linear map per
     image that keeps -1: the same trajectory, only the last x0 scaled."""
     oracle = GaussianOracle(Schedule(kind="cosine"), mu=1.0, s=0.3, size=28)
-    draw = lambda p: Diffusion(noise_schedule="cosine").sample(
+    draw = lambda p: Diffusion(noise_schedule="cosine", clip_loss="none").sample(
         oracle, np.zeros(16, dtype=np.int64), np.random.default_rng(3),
         SampleConfig(sampler=sampler, steps=steps or 20, guidance=0.0, final_sigma=0.0, ink_percentile=p))
     clipped, scaled = draw(0.0), draw(99.7)
@@ -292,11 +297,12 @@ def test_clipping_recomputes_the_noise_from_the_clipped_x0():
     a = 0.3
     rng = np.random.default_rng(0)
     x, eps = rng.standard_normal((2, 1, 1, 4, 4)) * 3
-    x0, eps2 = Diffusion(prediction="eps").x0_and_eps(x, eps, a, clip=True)
-    assert x0.min() >= -1 and x0.max() <= 1
-    np.testing.assert_allclose(math.sqrt(a) * x0 + math.sqrt(1 - a) * eps2, x, atol=1e-12)
-    x0u, epsu = Diffusion(prediction="eps").x0_and_eps(x, eps, a, clip=False)
+    d = Diffusion(prediction="eps")
+    x0u, epsu = d.x0_and_eps(x, eps, a)
     np.testing.assert_array_equal(epsu, eps)
+    x0, eps2 = d.clipped(x, x0u, a)
+    assert x0.min() >= -1 and x0.max() <= 1 and (x0 != x0u).any()
+    np.testing.assert_allclose(math.sqrt(a) * x0 + math.sqrt(1 - a) * eps2, x, atol=1e-12)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -327,14 +333,16 @@ def test_a_clip_loss_network_is_clipped_before_guidance(prediction):
 
 def test_guidance_convention():
     class Fake:
+        cfg = UViTConfig(num_classes=10)      # the null label: 10
+
         def forward(self, x, t, y, train=True):  # eps_c = y (the label), eps_u = 10 (null label)
             return np.broadcast_to(y[:, None, None, None].astype(float), x.shape).copy()
 
     x = np.zeros((2, 1, 2, 2))
     y = np.array([1, 2])
-    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 0.0, 10)[:, 0, 0, 0], [1, 2])
+    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 0.0)[:, 0, 0, 0], [1, 2])
     # eps = eps_c + s (eps_c - eps_u) = 1 + 2 (1 - 10) = -17
-    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 2.0, 10)[:, 0, 0, 0], [-17, -14])
+    np.testing.assert_array_equal(guided_output(Fake(), x, 5, y, 2.0)[:, 0, 0, 0], [-17, -14])
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it():
@@ -360,7 +368,7 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
     model = Guided()
     forward = model.forward
     model.forward = lambda x, t, y, train=True: (seen.append(len(x)), forward(x, t, y))[1]
-    d, y = Diffusion(prediction="eps"), np.array([0, 1])
+    d, y = Diffusion(prediction="eps", noise_schedule="linear", clip_loss="none"), np.array([0, 1])
     draw = lambda **kw: d.sample(model, y, np.random.default_rng(0), SampleConfig(steps=10, **kw))
     none, every = draw(guidance=0.0), draw(guidance=2.0, guidance_interval=(0, math.inf))
     a = d.schedule.abar(d.sampler_timesteps(SampleConfig(steps=10)))

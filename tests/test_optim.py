@@ -250,7 +250,7 @@ def test_flat_state_round_trips_through_a_checkpoint(tmp_path):
         opt.step(flat.flatten(random_grads(model, rng, 1.0)))
         ema.update(flat, step)
     path = tmp_path / "checkpoint.npz"
-    from tinyuvit.train import TrainConfig
+    from tinyuvit.config import TrainConfig
     config = dict(TrainConfig().to_dict(), model=model.cfg.to_dict())
     save_checkpoint(path, params=flat.params, ema=ema.shadow, opt_state=opt.state(), opt_k=opt.k,
                     step=3, config=config)

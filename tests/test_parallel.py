@@ -4,7 +4,8 @@ import pytest
 
 from tinyuvit import gradcheck as gc
 from tinyuvit.backend import Backend
-from tinyuvit.diffusion import Diffusion, SampleConfig
+from tinyuvit.diffusion import Diffusion
+from tinyuvit.sampling import SampleConfig
 from tinyuvit.model import UViT, UViTConfig
 from tinyuvit.optim import FlatParams
 from tinyuvit.tools.parallel import DataParallel, on_cpu_threads
@@ -49,12 +50,12 @@ def test_replicas_share_the_parameters():
 
 def test_training_loss_and_sampling_equal_one_thread():
     model, x, _, y = model_and_batch(5)
-    diffusion = Diffusion()
+    diffusion = Diffusion(noise_schedule="linear", clip_loss="none")
     dp = DataParallel(model, 2)
 
     def loss_of(net):
-        xt, t, yy, target, w, _ = diffusion.noisy_batch(x, y, np.random.default_rng(3), 0.1, 3)
-        return diffusion.loss(net.forward(xt, t, yy), target, w)
+        batch = diffusion.noisy_batch(x, y, np.random.default_rng(3), 0.1, 3)
+        return diffusion.loss(net.forward(batch.xt, batch.t, batch.y), batch)
 
     loss1, d1 = loss_of(model)
     loss2, d2 = loss_of(dp)

@@ -13,7 +13,8 @@ from tinyuvit.tools.cli import main
 from tinyuvit.errors import ConfigError
 from tinyuvit.tools.images import digit_tiles, from_model_range, grid, mark_pixels, plot_pixels, to_model_range
 from tinyuvit.tools.metrics import compare_pixels, histogram_distance, pixel_stats, real_digits
-from tinyuvit.train import TrainConfig, train
+from tinyuvit.config import TrainConfig
+from tinyuvit.train import train
 
 P = 28 * 28   # pixels of a digit
 KEYS = {"n", "ink_mean", "ink_per_digit", "ink_spread_per_digit", "zero_share", "faint_share", "saturated_share",

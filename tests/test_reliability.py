@@ -9,7 +9,7 @@ import pytest
 from tinyuvit.tools import checkpoint
 from tinyuvit.tools.checkpoint import RESUME, CheckpointError, load_checkpoint, save_checkpoint
 from tinyuvit.model import UViT, UViTConfig
-from tinyuvit.train import TrainConfig
+from tinyuvit.config import TrainConfig
 
 TINY = dict(dim=16, depth=2, num_heads=2)
 

@@ -15,7 +15,9 @@ from tinyuvit.tools.cli import main
 from tinyuvit.errors import CheckpointError, ConfigError, TrainingError
 from tinyuvit.tools.files import RunLock
 from tinyuvit.optim import AdamW
-from tinyuvit.train import TrainConfig, train
+from tinyuvit.config import TrainConfig
+from tinyuvit.tools.checkpoint import load_checkpoint
+from tinyuvit.train import train
 
 
 pytestmark = pytest.mark.usefixtures("offline")   # tests/conftest.py: no network, empty cache
@@ -80,7 +82,7 @@ def test_a_second_signal_while_stopping_does_not_lose_the_save(tmp_path, monkeyp
     signal_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT, signal.SIGTERM)
     out = train(cfg(), tmp_path, images=images, labels=labels, **quiet())
     assert out["stopped"] == "SIGINT" and out["step"] == 4
-    assert train_mod.load_checkpoint(tmp_path / "checkpoint.npz")["step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoint.npz")["step"] == 4
 
 
 def test_resume_keeps_logged_rows_until_new_ones_arrive(tmp_path, monkeypatch):
@@ -137,7 +139,7 @@ def test_weights_that_stopped_being_finite_are_never_saved(tmp_path, monkeypatch
     monkeypatch.setattr(AdamW, "step", exploding)
     with pytest.raises(TrainingError, match="no longer finite at step 3.*step 2"):
         train(cfg(save_every=1), tmp_path, images=images, labels=labels, **quiet())
-    assert train_mod.load_checkpoint(tmp_path / "checkpoint.npz")["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.npz")["step"] == 2
 
 
 def test_failed_starts_leave_no_folder_behind(tmp_path):

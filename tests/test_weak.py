@@ -9,9 +9,11 @@ from click.testing import CliRunner
 import tinyuvit
 from tinyuvit.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyuvit.tools.cli import main
-from tinyuvit.diffusion import SampleConfig, guided_output
+from tinyuvit.model import UViTConfig
+from tinyuvit.sampling import SampleConfig, guided_output
 from tinyuvit.errors import ConfigError
-from tinyuvit.train import TrainConfig, train
+from tinyuvit.config import TrainConfig
+from tinyuvit.train import train
 
 pytestmark = pytest.mark.usefixtures("offline")   # tests/conftest.py: no network, empty cache
 
@@ -33,6 +35,8 @@ def _train(folder, steps, resume=False, **kw):
 
 class Const:
     """A 'network' whose output is a constant per label (the null label: 10)."""
+    cfg = UViTConfig(num_classes=10)
+
     def __init__(self, table):
         self.table = table
 
@@ -43,7 +47,7 @@ class Const:
 def test_the_guided_output_adds_a_times_the_step_away_from_the_weak_prediction():
     x, y = np.zeros((2, 1, 1, 1)), np.array([1, 2])
     good, weak = Const({1: 3.0, 2: 5.0, 10: 1.0}), Const({1: 2.0, 2: 7.0})
-    out = lambda s, a, w=weak: guided_output(good, x, 5, y, s, 10, w, a)[:, 0, 0, 0]
+    out = lambda s, a, w=weak: guided_output(good, x, 5, y, s, weak=w, autoguidance=a)[:, 0, 0, 0]
     # out_c + s (out_c - out_u) + a (out_c - weak_c)
     np.testing.assert_array_equal(out(2.0, 0.5), [3 + 2 * 2 + 0.5 * 1, 5 + 2 * 4 + 0.5 * -2])
     np.testing.assert_array_equal(out(0.0, 1.0), [3 + 1, 5 - 2])          # unguided steps too

@@ -7,7 +7,8 @@
 __version__ = "0.1.0"
 
 from .api import Run, load  # noqa: E402,F401
-from .diffusion import Diffusion, SampleConfig  # noqa: E402,F401
+from .diffusion import Diffusion  # noqa: E402,F401
+from .sampling import SampleConfig  # noqa: E402,F401
 from .errors import TinyUViTError  # noqa: E402,F401
 from .model import PRESETS, UViT, UViTConfig, get_config  # noqa: E402,F401
-from .train import TrainConfig  # noqa: E402,F401  (the loop: tinyuvit.train.train)
+from .config import TrainConfig  # noqa: E402,F401  (the loop: tinyuvit.train.train)

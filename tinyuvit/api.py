@@ -14,7 +14,8 @@ import numpy as np
 
 from .backend import Backend
 from .tools.checkpoint import load_checkpoint
-from .diffusion import Diffusion, SampleConfig
+from .diffusion import Diffusion
+from .sampling import SampleConfig
 from .errors import ConfigError
 from .tools.evaluate import BATCH_SIZE, PER_DIGIT, check_count, check_picture, evaluate_model
 from .tools.images import from_model_range

@@ -1,45 +1,49 @@
-"""DDPM: the forward (noising) process, the training loss, and three samplers, in one object.
+"""DDPM: the forward (noising) process, the training target and loss, and the samplers.
 
-`Diffusion` owns what belongs together: the noise schedule, what the network predicts, how its
-loss is weighted, and the samplers that turn its predictions back into images. A checkpoint
-records it (`to_dict`), loading gives it back (`from_dict`), and no caller passes the
-prediction type around: `diffusion.sample(model, labels, rng)` converts whatever the network
-was trained to predict.
+Read top to bottom, the process:
+
+    Schedule                  abar_t for t = 0 .. T-1 (linear betas, or cosine)
+    Diffusion.noisy_batch     x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, and the training target
+    Diffusion.loss            the weighted MSE of the network's output, and its gradient
+    Diffusion.x0_and_eps      x0 and eps back from the network's output (eps, v or x0)
+    Diffusion.sample          the reverse process: DDPM, DDIM or DPM-Solver++(2M) steps
+
+`Diffusion` owns what belongs together: the schedule, what the network predicts, how its loss is
+weighted, and the samplers that turn its predictions back into images. A checkpoint records it
+(`to_dict`), loading gives it back (`from_dict`), and no caller passes the prediction type
+around. `Diffusion()` is the recipe's (docs/recipe.md): v-prediction, min(SNR + 1, 5) on the
+x0 error, the cosine schedule, the clip loss on black pixels. U-ViT's own (as DDPM) would be
+`Diffusion(prediction="eps", snr_gamma=0, noise_schedule="linear", clip_loss="none")`.
+How to sample (guidance, autoguidance, the final sigma, the ink scaling) is sampling.py's.
 
 Ho, Jain, Abbeel 2020 (DDPM); Song, Meng, Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
 
 Timesteps are 0-indexed: t = 0 .. T-1, where t carries noise level beta_{t+1} of the paper.
 Training draws t uniformly from all T of them, so every timestep any sampler visits was trained.
 
-Guidance convention (as U-ViT's code): eps = eps_c + s * (eps_c - eps_u), with eps_u the
-prediction for the null label. s = 0 is the plain conditional model; s = 1 doubles the step
-away from the unconditional prediction. (In the other common convention, w = 1 + s.)
-
 What the network predicts: the noise eps (U-ViT, DDPM; `prediction="eps"`), the velocity
 v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; `prediction="v"`), or the clean
 image x0 itself (`prediction="x0"`). All give the same x0 and eps (`Diffusion.x0_and_eps`); v
 is better conditioned at high noise, where an eps network must be very precise because
 x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies its errors by 1/sqrt(abar) (about 6x at
-t = 700, 150x at t = 999). At the clean end it is the other way round: x0 = sqrt(abar) x_t -
-sqrt(1 - abar) v, so to remove the last of the noise a v (or eps) network must give back that
-noise itself, and whatever it misses stays in the image; an x0 network only has to draw the
-image, and a black background is a constant.
+t = 700, 150x at t = 999 of the linear schedule). At the clean end it is the other way round:
+x0 = sqrt(abar) x_t - sqrt(1 - abar) v, so to remove the last of the noise a v (or eps) network
+must give back that noise itself, and whatever it misses stays in the image; an x0 network only
+has to draw the image, and a black background is a constant.
 
 Clipping: samplers clip the predicted x0 to [-1, 1] and then recompute the noise from the
 clipped x0, so the update stays consistent with the x0 it uses.
-
-The last step: every sampler ends by taking the network's x0 at its last timestep as the image.
-By default that timestep is not t = 0 but the one at noise level sigma = 0.2
-(`SampleConfig.final_sigma`): at the least noisy steps a v network's x0 moves by its own
-imprecision, a grey level or two, enough to leave faint dots on a black background.
 """
 import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from typing import NamedTuple
+
 from .backend import xp_of
 from .errors import ConfigError
+from .sampling import SampleConfig, finite, guided_output, scale_ink
 
 
 class Schedule:
@@ -126,101 +130,17 @@ class Schedule:
 PREDICTIONS = ("v", "eps", "x0")
 WEIGHTINGS = ("min-snr+1", "min-snr")
 CLIP_LOSSES = ("none", "black", "both")
-SAMPLERS = ("dpm++", "ddim", "ddpm")
 
 
-def _finite(v):
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ----------------------------------------------------------------------------------------
-# How to sample: the one place that holds the sampling defaults (CLI, grids, evaluate)
-# ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How to draw images: the sampler, its steps, the guidance scale s, DDIM's eta, x0 clipping,
-    the autoguidance scale a (used where the run has weak weights: `Diffusion.sample`) and the
-    noise level of the last step."""
-    sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
-    steps: int = 20            # ddpm takes every timestep down to final_sigma
-    guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
-                               # and the clip loss: README, "Black below black with v, and
-                               # s = 0.6" (runs without the clip loss: 0.7)
-    eta: float = 0.0           # DDIM noise: 0 = deterministic
-    clip: bool = True          # clip the predicted x0 to [-1, 1]
-    # guide only at noise levels sigma = sqrt((1 - abar) / abar) in [lo, hi]: not the noisiest
-    # steps (sigma > 6: t > 596 of the linear schedule), where guidance made the digits thicker
-    # and less varied (README, "Closer to real digits"); (0, inf) = every step
-    guidance_interval: tuple = (0.0, 6.0)
-    # autoguidance (Karras et al. 2024): + a (out_c - weak_c) at every step, where weak is the
-    # same run's EMA early in training (train.TrainConfig.weak_at); 0 = none. A run saved
-    # without weak weights samples as if a = 0.
-    autoguidance: float = 1.0
-    # the noise level sigma of the last step, from which the sampler jumps to the clean image
-    # (the x0 the network predicts there); the steps are spread down to it. 0 = timestep 0
-    # (sigma 0.0064 with the cosine schedule, 0.01 with the linear one). 0.2: the network's x0
-    # of the last, least noisy steps is imprecise by a grey level or two, and left the background
-    # speckled with faint pixels (README, "The default since: the last step from sigma = 0.2")
-    final_sigma: float = 0.2
-    # the last step's x0, image by image: where its ink_percentile-th percentile pixel s lies
-    # above full ink (1), [-1, s] is scaled onto [-1, 1] before the clip (`scale_ink`); 0 = clip
-    # only, as runs were sampled before. Every real digit has its brightest pixel at 254-255, and
-    # 0.65% of all their pixels are 255; the network's x0 overshoots full ink by 2-12% and the
-    # clip alone put 3.7% of the pixels at 255. 99.7 leaves about as many at 255 as real digits
-    # (README, "Full ink where real digits have it")
-    ink_percentile: float = 99.7
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler (--sampler) must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError(f"sampler steps (--steps) must be a whole number >= 1, got {self.steps!r}")
-        if not _finite(self.guidance) or self.guidance < 0:
-            raise ConfigError(f"guidance (--guidance) must be a finite number >= 0 (0 = none), got {self.guidance!r}")
-        if not _finite(self.autoguidance) or self.autoguidance < 0:
-            raise ConfigError(f"autoguidance (--autoguidance) must be a finite number >= 0 (0 = none), "
-                              f"got {self.autoguidance!r}")
-        if not _finite(self.eta) or not 0 <= self.eta <= 1:
-            raise ConfigError(f"eta (--eta) must lie in [0, 1], got {self.eta!r}")
-        if not _finite(self.final_sigma) or self.final_sigma < 0:
-            raise ConfigError(f"final sigma (--final-sigma) must be a finite number >= 0 (0 = the cleanest step), "
-                              f"got {self.final_sigma!r}")
-        if not _finite(self.ink_percentile) or not 0 <= self.ink_percentile <= 100:
-            raise ConfigError(f"ink percentile (--ink-percentile) must lie in [0, 100] (0 = clip only), "
-                              f"got {self.ink_percentile!r}")
-        lo_hi = self.guidance_interval
-        number = lambda v: _finite(v) or v == math.inf
-        if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2 and all(number(v) for v in lo_hi)
-                and 0 <= lo_hi[0] <= lo_hi[1]):
-            raise ConfigError(f"guidance interval (--guidance-interval) must be two noise levels 0 <= LO <= HI "
-                              f"(sigma; HI may be inf), e.g. 0,6, got {lo_hi!r}")
-        object.__setattr__(self, "guidance_interval", (float(lo_hi[0]), float(lo_hi[1])))
-
-    def autoguidance_with(self, has_weak):
-        """The autoguidance scale that applies: a for a run with early weights, 0 for one saved
-        without them (it samples as if a = 0)."""
-        return self.autoguidance if has_weak else 0.0
-
-    def guidance_text(self, weak=False):
-        """'guidance s at noise levels lo..hi' (and the autoguidance, if the run has weak
-        weights, and the final sigma, if not 0), as the commands print it."""
-        lo, hi = self.guidance_interval
-        text = f"guidance {self.guidance:g} at noise levels {lo:g}..{hi:g}"
-        a = self.autoguidance_with(weak)
-        return (text + (f", autoguidance {a:g}" if a else "")
-                + (f", last step from sigma {self.final_sigma:g}" if self.final_sigma else "")
-                + (f", ink to its {self.ink_percentile:g}th percentile" if self.ink_percentile else ""))
-
-    def guidance_at(self, abar):
-        """The guidance scale at a step whose x_t has signal level abar: s where the noise level
-        sigma = sqrt((1 - abar) / abar) lies in the interval, 0 outside it. Guiding only the
-        middle of the trajectory keeps the variety that guidance at high noise takes away, and
-        costs no second forward outside it (Kynkaanniemi et al. 2024, who measure sigma the same
-        way). The noise level, unlike the step number, means the same under every schedule."""
-        lo, hi = self.guidance_interval
-        sigma = math.sqrt((1.0 - abar) / abar) if abar > 0 else math.inf
-        return self.guidance if lo <= sigma <= hi else 0.0
+class NoisyBatch(NamedTuple):
+    """A training batch: what the network sees (xt, t, y) and what its loss needs (target,
+    weight, and `side`, the clip loss's bound per pixel: `clip_side`, None without it)."""
+    xt: object        # [B, C, H, W] noisy images
+    t: object         # [B] timesteps
+    y: object         # [B] labels, some dropped to the null label
+    target: object    # [B, C, H, W] eps, v or x0
+    weight: object    # [B, 1, 1, 1] the loss weight of each image (`loss_weight`)
+    side: object      # [B, C, H, W] or None
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,15 +152,16 @@ class Diffusion:
     """The schedule (T steps), what the network predicts ("v", "eps" or "x0"), how the loss is
     weighted ("min-snr+1" or "min-snr", capped at snr_gamma; 0 = the plain MSE) and which errors
     beyond the data's bounds it forgives (clip_loss); its methods make training batches, the
-    loss and its gradient, and samples."""
+    loss and its gradient, and samples. The defaults are the recipe's (docs/recipe.md); a saved
+    run's values come from its config (`config.from_saved` fills in what old runs did)."""
     T: int = 1000
     prediction: str = "v"          # v = sqrt(abar) eps - sqrt(1 - abar) x0, the noise eps (U-ViT), or x0
     weighting: str = "min-snr+1"   # x0 weight min(SNR + 1, gamma), or "min-snr": min(SNR, gamma)
     snr_gamma: float = 5.0         # the cap gamma of the weighting (`loss_weight`); 0 = plain MSE
-    noise_schedule: str = "linear" # abar_t: "linear" betas (DDPM, U-ViT) or "cosine" (`Schedule`)
-    # count no error where the true pixel is at the data's bound and the predicted x0 lies beyond
-    # it, as the samplers clip x0 there (`loss`): "black" (-1) only, "both" (-1 and full ink, 1)
-    clip_loss: str = "none"
+    noise_schedule: str = "cosine" # abar_t: "cosine" (`Schedule`) or "linear" betas (DDPM, U-ViT)
+    # count no error where the true pixel is black (-1; "both": or full ink, 1) and the predicted
+    # x0 lies beyond it, as the samplers clip x0 there (`loss`); "none": every error counts (U-ViT)
+    clip_loss: str = "black"
 
     def __post_init__(self):
         if not isinstance(self.T, (int, np.integer)) or isinstance(self.T, bool) or self.T < 2:
@@ -251,7 +172,7 @@ class Diffusion:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.clip_loss not in CLIP_LOSSES:
             raise ConfigError(f"clip loss (--clip-loss) must be one of {', '.join(CLIP_LOSSES)}, got {self.clip_loss!r}")
-        if not _finite(self.snr_gamma) or self.snr_gamma < 0:
+        if not finite(self.snr_gamma) or self.snr_gamma < 0:
             raise ConfigError(f"snr_gamma (--snr-gamma) must be a finite number >= 0, got {self.snr_gamma!r}")
         object.__setattr__(self, "schedule", Schedule(int(self.T), self.noise_schedule))
 
@@ -260,14 +181,15 @@ class Diffusion:
 
     @classmethod
     def from_dict(cls, d):
-        """The diffusion of a run config (its T, prediction, weighting, snr_gamma; other keys ignored)."""
+        """The diffusion of a run config (its T, prediction, weighting, snr_gamma, noise_schedule,
+        clip_loss; other keys ignored). A saved config goes through `config.from_saved` first."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    # --- training: a noisy batch, then the weighted loss and its gradient ----------------
+    # --- training: a noisy batch and its target, then the weighted loss and its gradient --
 
     def noisy_batch(self, x0, y, rng, p_uncond=0.0, null_label=None):
-        """(x_t, t, y, target, weight, side) for clean images x0 [B, C, H, W] and labels y [B];
-        `side` is for `loss` (None if clip_loss is "none").
+        """A NoisyBatch (x_t, t, y, target, weight, side) for clean images x0 [B, C, H, W] and
+        labels y [B]; `loss` reads its target, weight and side.
 
         Draws t uniformly from all T steps, the noise, and which labels are dropped to the
         null label (probability p_uncond, for classifier-free guidance), in that order, from
@@ -292,11 +214,12 @@ class Diffusion:
         side = clip_side(x0, self.clip_loss, self.prediction)                         # [B, C, H, W] or None
         if side is not None:
             side = side.astype(x0.dtype, copy=False)         # bool * 1.0 is float64 on NumPy
-        return xt, xp.asarray(t), xp.asarray(y), target, weight, side
+        return NoisyBatch(xt, xp.asarray(t), xp.asarray(y), target, weight, side)
 
     @staticmethod
-    def loss(pred, target, weight, side=None):
-        """(L, dL/dpred) for L = mean(w (pred - target)^2), the mean over every pixel.
+    def loss(pred, batch):
+        """(L, dL/dpred) for L = mean(w (pred - target)^2), the mean over every pixel, with the
+        target and weight w of `batch` (a NoisyBatch).
 
         With `side` (clip_loss): no error where side * (pred - target) < 0, i.e. where the
         target is black (or full ink) and the predicted x0 is blacker still. The samplers clip
@@ -305,16 +228,15 @@ class Diffusion:
         (a grey haze of 1..4 levels otherwise). Where the true x0 is not black, or where x0_pred
         is above it, the error counts as before, so the optimum is still the mean E[x0 | x_t]
         wherever that lies inside (-1, 1)."""
-        diff = forgiven(pred - target, side)
-        loss = float((weight * diff * diff).mean())
-        dpred = (weight * diff) * (2.0 / diff.size)
+        diff = forgiven(pred - batch.target, batch.side)
+        loss = float((batch.weight * diff * diff).mean())
+        dpred = (batch.weight * diff) * (2.0 / diff.size)
         return loss, dpred
 
-    # --- sampling ------------------------------------------------------------------------
+    # --- x0 and eps from the network's output -------------------------------------------
 
-    def x0_and_eps(self, x, out, abar, clip, ink_percentile=0.0):
-        """Predicted x0 and eps from x_t and the network's output (eps or v); if clipped, the
-        noise consistent with the clipped x0, which `scale_ink` scales first if ink_percentile."""
+    def x0_and_eps(self, x, out, abar):
+        """The predicted x0 and eps from x_t and the network's output (eps, v or x0) at abar."""
         sa, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
         if self.prediction == "v":   # x_t = sa x0 + s1 eps and v = sa eps - s1 x0, sa^2 + s1^2 = 1
             x0, eps = sa * x - s1 * out, s1 * x + sa * out
@@ -324,12 +246,13 @@ class Diffusion:
         else:
             eps = out
             x0 = (x - s1 * eps) * (1.0 / sa)
-        if clip:
-            if ink_percentile:
-                x0 = scale_ink(x0, ink_percentile)
-            x0 = xp_of(x0).clip(x0, -1.0, 1.0)
-            eps = (x - sa * x0) * (1.0 / s1)
         return x0, eps
+
+    @staticmethod
+    def clipped(x, x0, abar):
+        """x0 clipped to [-1, 1], and the noise consistent with it at x_t = x."""
+        x0 = xp_of(x0).clip(x0, -1.0, 1.0)
+        return x0, (x - math.sqrt(abar) * x0) * (1.0 / math.sqrt(1.0 - abar))
 
     def clipped_output(self, x, abar):
         """out -> the output whose x0 is clipped to [-1, 1], at x_t = x: for a network trained
@@ -338,11 +261,13 @@ class Diffusion:
         def bound(out):
             if self.prediction == "x0":
                 return xp_of(out).clip(out, -1.0, 1.0)
-            x0, eps = self.x0_and_eps(x, out, abar, clip=True)
+            x0, eps = self.clipped(x, self.x0_and_eps(x, out, abar)[0], abar)
             if self.prediction == "eps":
                 return eps
             return math.sqrt(abar) * eps - math.sqrt(1.0 - abar) * x0        # v
         return bound
+
+    # --- the samplers: the reverse process ------------------------------------------------
 
     def sampler_timesteps(self, how):
         """The timesteps a sampler visits, from T - 1 down to the one at how.final_sigma: all of
@@ -376,9 +301,13 @@ class Diffusion:
             t_next = ts[i + 1] if i + 1 < len(ts) else -1        # -1: the clean image, abar = 1
             a, a_next = float(sched.abar(t)), float(sched.abar(t_next))
             bound = self.clipped_output(x, a) if self.clip_loss != "none" else None
-            out = guided_output(model, x, t, labels, how.guidance_at(a), cfg.num_classes,
-                                weak, how.autoguidance, bound)
-            x0, eps = self.x0_and_eps(x, out, a, how.clip, how.ink_percentile if t_next < 0 else 0.0)
+            out = guided_output(model, x, t, labels, how.guidance_at(a), weak=weak,
+                                autoguidance=how.autoguidance, bound=bound)
+            x0, eps = self.x0_and_eps(x, out, a)
+            if how.clip:
+                if t_next < 0 and how.ink_percentile:           # the last step: the image itself
+                    x0 = scale_ink(x0, how.ink_percentile)
+                x0, eps = self.clipped(x, x0, a)
             if how.sampler == "ddpm":
                 x = x0 if t_next < 0 else _ddpm_step(x, x0, t, sched, rng, xp, model.dtype)
             elif how.sampler == "ddim":
@@ -391,19 +320,6 @@ class Diffusion:
             if progress is not None:
                 progress.update(1)
         return x
-
-
-def scale_ink(x0, percentile):
-    """x0 [B, C, H, W] with each image's ink scaled so that its `percentile`-th percentile pixel s
-    lies at full ink, where s > 1: x0 -> -1 + (x0 + 1) 2 / (s + 1), which keeps black (-1) black
-    and the pixels' order, and leaves only those above s beyond 1 for the clip. Images whose
-    percentile lies at or below 1 are left as they are. (A one-sided cousin of Imagen's dynamic
-    thresholding, Saharia et al. 2022, for the last step only: a background below black is the
-    clip loss's, not an overshoot to scale away.)"""
-    xp = xp_of(x0)
-    s = xp.percentile(x0.reshape(len(x0), -1), percentile, axis=1)[:, None, None, None]   # [B, 1, 1, 1]
-    scale = (2.0 / (xp.maximum(s, 1.0) + 1.0)).astype(x0.dtype)
-    return xp.where(s > 1.0, (x0 + 1.0) * scale - 1.0, x0)
 
 
 def clip_side(x0, clip_loss, prediction):
@@ -447,35 +363,6 @@ def loss_weight(snr, snr_gamma, prediction="v", weighting="min-snr+1"):
         return np.ones_like(snr)
     x0_weight = np.minimum(snr + (1.0 if weighting == "min-snr+1" else 0.0), snr_gamma)
     return x0_weight / {"eps": snr, "v": snr + 1.0, "x0": 1.0}[prediction]
-
-
-def guided_output(model, x, t, y, guidance, null_label, weak=None, autoguidance=0.0, bound=None):
-    """out = out_c + s (out_c - out_u) + a (out_c - weak_c); one forward on the doubled batch
-    when s != 0, and one of the weak network when a != 0 (and there is one).
-
-    Classifier-free guidance (s) moves away from the null label's prediction, towards the digit
-    asked for; autoguidance (a; Karras et al. 2024) moves away from what a worse network of the
-    same run predicts for the same digit, towards better drawn digits, without the loss of
-    variety that guidance toward the label brings. (For a v network both are the same guidance
-    as on eps: eps is affine in v at fixed x_t.)
-
-    `bound(out)`, if given, is applied to every network's output before they are combined
-    (`Diffusion.clipped_output`): where a network may put x0 anywhere beyond a bound, two such
-    values differ by chance, and guidance would amplify that difference into grey."""
-    xp = xp_of(x)
-    bound = bound or (lambda out: out)
-    B = x.shape[0]
-    tt = xp.full((B,), int(t), dtype=np.int64)
-    if guidance == 0:
-        out = out_c = bound(model.forward(x, tt, y, train=False))    # no backward: keep no caches
-    else:
-        both = model.forward(xp.concatenate([x, x]), xp.concatenate([tt, tt]),
-                             xp.concatenate([y, xp.full_like(y, null_label)]), train=False)
-        out_c, out_u = bound(both[:B]), bound(both[B:])
-        out = out_c + guidance * (out_c - out_u)
-    if weak is not None and autoguidance:
-        out = out + autoguidance * (out_c - bound(weak.forward(x, tt, y, train=False)))
-    return out
 
 
 def _ddpm_step(x, x0, t, schedule, rng, xp, dtype):

@@ -163,8 +163,7 @@ def source():
 def _kernel(name):
     global _module
     if _module is None:
-        import cupy
-        _module = cupy.RawModule(code=_SOURCE)    # compiled by NVRTC on first use, then cached
+        _module = backend.cupy_module().RawModule(code=_SOURCE)    # compiled by NVRTC on first use, then cached
     return _module.get_function(name)
 
 

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import checkpoint_step
-from ..diffusion import SampleConfig
+from ..sampling import SampleConfig
 from ..errors import ConfigError, DivergedError
 from .evaluate import check_count
 from .files import RunLock, atomic_write
 from ..model import CHOICES, UViT, ablations, get_config
-from ..train import StopSignals, TrainConfig, _read_jsonl, saved_with_defaults, train
+from ..config import TrainConfig, from_saved
+from ..train import train
+from .runfolder import StopSignals, read_jsonl
 
 # ----------------------------------------------------------------------------------------
 # Budgets: how much every run of a study gets
@@ -288,7 +290,7 @@ def _open_study(out_dir, budget, runs):
     if saved is not None:
         _check_same(out_dir, saved.get("budget", {}), asked)
         if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
-            _check_same(out_dir, saved_with_defaults(saved["recipe"]), recipe,
+            _check_same(out_dir, from_saved(saved["recipe"]), recipe,
                         hint=" (training defaults that changed since)")
     before = {r["folder"] for r in (saved or {}).get("runs", [])}
     wanted = {r.folder for r in runs} | before
@@ -353,7 +355,7 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
 
 def _result(run, folder, status, message=None, params=None, **scores):
     """result.json of a run: what it is, its scores (None when diverged), its training time."""
-    rows = _read_jsonl(os.path.join(folder, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(folder, "metrics.jsonl"))
     res = dict(variant=run.variant, choice=run.choice, value=run.value, seed=run.seed, folder=run.folder,
                status=status, message=message, params=params, class_accuracy=None, fid=None, fid_floor=None,
                fid_floor_same_n=None, n=None, steps=rows[-1]["step"] if rows else 0,
@@ -499,13 +501,13 @@ class _Entry:
     @property
     def rows(self):
         if self._rows is None:
-            self._rows = _read_jsonl(os.path.join(self.folder, "metrics.jsonl"))
+            self._rows = read_jsonl(os.path.join(self.folder, "metrics.jsonl"))
         return self._rows
 
     @property
     def evals(self):
         if self._evals is None:
-            self._evals = _read_jsonl(os.path.join(self.folder, "evals.jsonl"))
+            self._evals = read_jsonl(os.path.join(self.folder, "evals.jsonl"))
         return self._evals
 
     def score(self, metric):

@@ -9,7 +9,7 @@ What is timed, per preset and batch B:
                      clip, AdamW, EMA. On the CPU the model is split over the threads
                      (tinyuvit.tools.parallel), as training does.
   sampling forward   one guided prediction: the network on the doubled batch (B conditional
-                     + B null labels, 2B images) without gradients, as diffusion.guided_output.
+                     + B null labels, 2B images) without gradients, as sampling.guided_output.
 img/s counts the B images of the batch (for sampling: guided predictions per second).
 
 How:
@@ -49,12 +49,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..backend import Backend, cpu_threads, cupy_status, set_cpu_threads, synchronize, xp_of
+from ..backend import Backend, cpu_threads, cupy_module, cupy_status, set_cpu_threads, synchronize, xp_of
 from ..diffusion import Schedule
 from ..errors import BackendError, ConfigError
 from ..kernels import use as use_fused_kernels
 from ..model import PRESETS, UViT, get_config
-from ..optim import EMA, AdamW, FlatParams, clip_grad_norm, ema_decay_at
+from ..optim import EMA, AdamW, FlatParams, ema_decay_at
+from ..train import train_step
 
 WHATS = ("train step", "sampling forward")
 IMPLS = {"torch": "torch", "blas": "tinyuvit-blas", "unfused": "tinyuvit-unfused"}   # compare -> what runs
@@ -99,25 +100,12 @@ def step_flops(cfg, batch, what):
 
 def train_settings():
     """The training recipe timed by the benchmark: TrainConfig's defaults."""
-    from ..train import TrainConfig
+    from ..config import TrainConfig
     return TrainConfig()
 
 
-def train_step(net, diffusion, flat, opt, ema, x0, y, rng, k, tc):
-    """One training step as tinyuvit.train.train runs it: a noisy batch, forward, the weighted
-    loss and its gradient, backward, clip, AdamW, EMA. Returns the loss."""
-    xt, t, yy, target, weight, side = diffusion.noisy_batch(x0, y, rng, tc.p_uncond, net.cfg.num_classes)
-    loss, dpred = diffusion.loss(net.forward(xt, t, yy), target, weight, side)
-    net.backward(dpred)
-    grads = flat.grad(net)
-    clip_grad_norm(grads, tc.grad_clip, flat)
-    opt.step(grads, tc.lr)
-    ema.update(flat, k)
-    return loss
-
-
 def sampling_forward(net, x, t, y, null_label):
-    """The network's guided prediction as diffusion.guided_output computes it: one forward on the
+    """The network's guided prediction as sampling.guided_output computes it: one forward on the
     doubled batch (x with labels y, then x with the null label), without backward caches
     (`train=False`). [B, C, H, W] -> [2B, C, H, W]."""
     xp = xp_of(x)
@@ -167,7 +155,7 @@ def setup_tinyuvit(cfg, batch, device="cpu", threads=None, split=True):
         if device == "gpu":
             be.xp.get_default_memory_pool().free_all_blocks()
 
-    return {"train step": lambda k: train_step(net, diffusion, flat, opt, ema, x0, y_h, rng, k, tc),
+    return {"train step": lambda k: train_step(net, flat, opt, ema, diffusion, x0, y_h, rng, k, tc)[0],
             "sampling forward": lambda k: sampling_forward(net, xs, ts, ys, cfg.num_classes),
             "sync": synchronize, "drop": drop, "release": release, "model": model, "opt": opt, "ema": ema}
 
@@ -300,7 +288,7 @@ def _gpu_memory(impl, fn, sync, k):
         fn(k)
         sync()
         return torch.cuda.max_memory_allocated() - before, torch.cuda.max_memory_allocated()
-    import cupy
+    cupy = cupy_module()
     pool = cupy.get_default_memory_pool()
     before, peak = pool.used_bytes(), [pool.used_bytes()]
 
@@ -352,7 +340,7 @@ def matmul_peak(device="cpu", n=None, repeats=3):
     NumPy on the current BLAS threads, n = 2048; GPU: CuPy, n = 8192, in CuPy's math mode,
     TF32 where CUPY_TF32=1 was set before its first matmul)."""
     if device == "gpu":
-        import cupy as xp
+        xp = cupy_module()
         n = n or 8192
     else:
         xp = np
@@ -417,7 +405,7 @@ def profile_tinyuvit(cfg, batch, device="cpu", threads=None, steps=2):
     forward ms, backward ms, other ms)]} for the last of `steps` profiled calls ("other": the
     optimizer, EMA, clip, loss: whatever is neither a layer's forward nor its backward). On the CPU the unsplit
     model runs with BLAS threads (layer timers of threads running at once would overlap)."""
-    global clip_grad_norm
+    from .. import train as train_module          # train_step's clip_grad_norm, timed in place
     s = setup_tinyuvit(cfg, batch, device, threads, split=False)
     prof = _Profiler(s["sync"])
     for _, m in s["model"].modules():
@@ -426,8 +414,9 @@ def profile_tinyuvit(cfg, batch, device="cpu", threads=None, steps=2):
             prof.wrap(m, method, (GROUPS.get(name, name), method))
     prof.wrap(s["opt"], "step", ("AdamW", "step"))
     prof.wrap(s["ema"], "update", ("EMA", "step"))
-    plain_clip = clip_grad_norm
-    clip_grad_norm = prof.wrap(type("C", (), {"f": staticmethod(plain_clip)}), "f", ("clip grad norm", "step"))
+    plain_clip = train_module.clip_grad_norm
+    train_module.clip_grad_norm = prof.wrap(type("C", (), {"f": staticmethod(plain_clip)}), "f",
+                                            ("clip grad norm", "step"))
     out = {}
     try:
         for what, rest in (("train step", "loss (noise, q_sample, weights)"), ("sampling forward", "concat (doubled batch)")):
@@ -439,7 +428,7 @@ def profile_tinyuvit(cfg, batch, device="cpu", threads=None, steps=2):
             rows = sorted(((g, *ms) for g, ms in groups.items()), key=lambda r: -sum(r[1:]))
             out[what] = {"total_ms": 1000 * total, "rows": rows}
     finally:
-        clip_grad_norm = plain_clip
+        train_module.clip_grad_norm = plain_clip
     return out
 
 
@@ -527,7 +516,7 @@ def _worker(spec):
 
 
 def _gpu_info(impls):
-    import cupy
+    cupy = cupy_module()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     info = {"gpu": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
             "cupy": cupy.__version__, "cupy_tf32": os.environ.get("CUPY_TF32", "0")}

@@ -12,16 +12,18 @@ crash during a save leaves the previous one. Whatever is wrong with a checkpoint
 (not an .npz, truncated, an edited config, a missing or misshapen array) is a one-line
 CheckpointError naming the file, what is wrong, and what can be done.
 """
+import dataclasses
 import errno
 import json
-import math
 import os
 import zipfile
 
 import numpy as np
 
 from ..backend import to_numpy
+from ..config import TrainConfig, from_saved
 from ..errors import CheckpointError
+from ..model import UViT, UViTConfig
 from .files import atomic_write
 
 NAME = "checkpoint.npz"                 # a run folder's checkpoint
@@ -214,23 +216,17 @@ def _config(entry, path):
         raise CheckpointError(f"{bad} (corrupt JSON: {e}); {fix}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{bad} (a JSON {type(config).__name__}, not an object); {fix}")
-    config.setdefault("prediction", "eps")      # runs from before the v option were eps runs
-    config.setdefault("weighting", "min-snr")   # ... and before min-snr+1, Min-SNR runs
-    config.setdefault("clip_loss", "none")      # ... and before --clip-loss, every error counted
     problem = config_problem(config)
     if problem:
         raise CheckpointError(f"{bad} ({problem}); {fix}")
-    return config
+    return from_saved(config)           # the fields added since it was saved: as it trained
 
 
 def config_problem(config):
     """What is wrong with a run configuration dict (a phrase), or None: its `model` must build
-    a UViTConfig, and its other fields that TrainConfig knows must pass TrainConfig.validate.
-    Fields that TrainConfig does not know (records such as the data identity) are not checked."""
-    import dataclasses
-
-    from ..model import UViTConfig
-    from ..train import TrainConfig  # here, not at the top: train imports this module
+    a UViTConfig, and its other fields that TrainConfig knows, with those added since it was
+    saved filled in (`from_saved`), must pass TrainConfig.validate. Fields that TrainConfig
+    does not know (records such as the data identity) are not checked."""
     model = config.get("model")
     if not isinstance(model, dict):
         return "no model configuration" if model is None else f"model is a {type(model).__name__}, not an object"
@@ -238,21 +234,17 @@ def config_problem(config):
         UViTConfig.from_dict(model)
     except (TypeError, ValueError) as e:
         return f"model: {e}"
+    config = from_saved(config)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        TrainConfig(**{k: v for k, v in config.items() if k in known}).validate()
+        TrainConfig(**{k: v for k, v in config.items() if k in known}).validate()   # NaN included
     except (TypeError, ValueError) as e:
         return str(e)
-    for key in ("lr", "weight_decay", "snr_gamma", "guidance"):  # NaN passes comparisons
-        v = config.get(key)
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"{key} must be a finite number, got {v}"
     return None
 
 
 def _model_shapes(model_config):
     """{name: shape} of every parameter of the model that `model_config` describes."""
-    from ..model import UViT, UViTConfig
     return {name: tuple(a.shape) for name, a in UViT(UViTConfig.from_dict(model_config)).state_dict().items()}
 
 

@@ -11,11 +11,12 @@ import sys
 
 import click
 
-from ..diffusion import CLIP_LOSSES, PREDICTIONS, SAMPLERS, WEIGHTINGS, SampleConfig, Schedule
+from ..diffusion import CLIP_LOSSES, PREDICTIONS, WEIGHTINGS, Schedule
+from ..sampling import SAMPLERS, SampleConfig
 from .evaluate import LABELS
 from ..errors import TinyUViTError
 from ..model import INITS, PRESETS
-from ..train import GPU_DEFAULTS, TrainConfig
+from ..config import GPU_DEFAULTS, TrainConfig
 
 # OS errors that are the machine's state, not a bug: shown in one line like the project's own.
 _OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

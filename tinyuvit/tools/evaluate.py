@@ -4,7 +4,7 @@ of the samples beside as many real digits."""
 import numpy as np
 
 from ..backend import to_numpy
-from ..diffusion import SampleConfig
+from ..sampling import SampleConfig
 from ..errors import ConfigError
 from .parallel import on_cpu_threads
 
