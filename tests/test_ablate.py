@@ -19,7 +19,7 @@ from tinyuvit.errors import ConfigError, TrainingError
 from tinyuvit.tools.files import RunLock
 from tinyuvit.model import ablations
 
-from test_run_safety import cli, one_line   # the CLI runner and the one-line-error check
+from test_runfolder import cli, one_line   # the CLI runner and the one-line-error check
 
 # A study in seconds: a 2-block model of width 16, 4 steps of 4 images, two U-ViT seeds, one
 # point of the learning curves (at the end).

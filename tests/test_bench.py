@@ -130,14 +130,6 @@ def test_profile_shares_add_up_to_the_step():
 # The command
 # ----------------------------------------------------------------------------------------
 
-def test_bench_command_help():
-    r = CliRunner().invoke(main, ["bench", "--help"])
-    assert r.exit_code == 0
-    for option in ("--preset", "--batch", "--device", "--compare", "--tf32", "--profile", "--kernels", "--json",
-                   "--threads"):
-        assert option in r.output
-
-
 @pytest.mark.parametrize("args, message", [
     (["--batch", "0"], "batch must be an integer >= 1"),
     (["--rounds", "0"], "rounds must be an integer >= 1"),

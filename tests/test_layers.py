@@ -22,47 +22,33 @@ def randn(*shape, seed=0):
 
 
 # ----------------------------------------------------------------------------------------
-# Gradients: one helper, one line per op
+# Gradients: gradcheck's table of cases, shared with `tinyuvit gradcheck`
 # ----------------------------------------------------------------------------------------
 
-def helper_test_grad(name, make, *inputs, diff=None):
-    rows = gc.check_layer(name, make, inputs, diff=diff, max_entries=128, fd_tol=FD_TOL, ag_tol=AG_TOL)
+@pytest.mark.parametrize("case", gc.layer_cases(), ids=lambda case: case.name)
+def test_grad(case):
+    """Every case of gradcheck's table (every layer, the model and its ablation variants): each
+    gradient tensor within FD_TOL of finite differences and AG_TOL of autograd."""
+    rows = gc.check_case(case)
+    assert rows and len(rows) == len(case.diff if case.diff is not None else
+                                     [a for a in case.inputs if a is not None and np.asarray(a).dtype.kind == "f"]) \
+        + len(list(case.make(np.random.default_rng(0)).named_parameters()))
     for r in rows:
-        assert r.fd <= FD_TOL, f"{name} {r.tensor}: rel err vs finite differences {r.fd:.2e}"
-        assert r.ag is None or r.ag <= AG_TOL, f"{name} {r.tensor}: rel err vs autograd {r.ag:.2e}"
+        assert r.fd <= FD_TOL, f"{case.name} {r.tensor}: rel err vs finite differences {r.fd:.2e}"
+        assert r.ag is None or r.ag <= AG_TOL, f"{case.name} {r.tensor}: rel err vs autograd {r.ag:.2e}"
 
 
-def test_grad_linear():         helper_test_grad("Linear", lambda g: Linear(5, 4, g), randn(2, 3, 5))
-def test_grad_linear_nobias():  helper_test_grad("Linear", lambda g: Linear(5, 4, g, bias=False), randn(7, 5))
-def test_grad_layernorm():      helper_test_grad("LayerNorm", lambda g: LayerNorm(6), randn(2, 3, 6))
-def test_grad_gelu():           helper_test_grad("GELU", lambda g: GELU(), 3 * randn(4, 9))
-def test_grad_softmax():        helper_test_grad("Softmax", lambda g: Softmax(), 2 * randn(2, 3, 6))
-def test_grad_attention():      helper_test_grad("Attention", lambda g: Attention(8, 2, g), randn(2, 5, 8))
-def test_grad_attention_1head(): helper_test_grad("Attention", lambda g: Attention(6, 1, g), randn(1, 4, 6))
-def test_grad_mlp():            helper_test_grad("MLP", lambda g: MLP(8, 32, g), randn(2, 3, 8))
-def test_grad_patch_embed():    helper_test_grad("PatchEmbed", lambda g: PatchEmbed(2, 3, 8, g), randn(2, 3, 4, 4))
-def test_grad_conv_1_to_1():    helper_test_grad("Conv3x3", lambda g: Conv3x3(1, 1, g), randn(2, 1, 5, 5))
-def test_grad_conv_2_to_3():    helper_test_grad("Conv3x3", lambda g: Conv3x3(2, 3, g), randn(2, 2, 4, 5))
-def test_grad_label_embed():    helper_test_grad("LabelEmbedding", lambda g: LabelEmbedding(4, 8, g), np.array([0, 4, 2, 0]), diff=())
-def test_grad_pos_embed():      helper_test_grad("PosEmbed", lambda g: PosEmbed(5, 8, g), randn(2, 5, 8))
-def test_grad_unpatchify():     helper_test_grad("unpatchify", lambda g: gc.Unpatchify(2, 3), randn(2, 4, 12))
-def test_grad_block_in():       helper_test_grad("Block", lambda g: Block(8, 2, 2, g), randn(2, 4, 8))
-def test_grad_block_concat():   helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="concat"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
-def test_grad_block_add():      helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="add"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
+def test_the_table_covers_every_layer_and_every_ablation_variant():
+    """No layer class of layers.py and no variant of the ablation study is left unchecked."""
+    import inspect
 
-# the ablation study's layers
-def test_grad_layernorm_plain(): helper_test_grad("LayerNorm", lambda g: LayerNorm(6, affine=False), randn(2, 3, 6, seed=3))  # seed 0 would equal the cotangent
-def test_grad_adaln():          helper_test_grad("AdaLN", lambda g: AdaLN(6, g), randn(2, 3, 6), randn(2, 6, seed=1))
-def test_grad_conv_stride2():   helper_test_grad("Conv3x3", lambda g: Conv3x3(2, 3, g, stride=2), randn(2, 2, 6, 4))
-def test_grad_conv_stride2_odd(): helper_test_grad("Conv3x3", lambda g: Conv3x3(1, 2, g, stride=2), randn(2, 1, 5, 7))
-def test_grad_conv_patch_p2():  helper_test_grad("ConvPatchEmbed", lambda g: ConvPatchEmbed(2, 3, 8, g), randn(2, 3, 4, 4))
-def test_grad_conv_patch_p4():  helper_test_grad("ConvPatchEmbed", lambda g: ConvPatchEmbed(4, 1, 8, g), randn(2, 1, 8, 8))
-def test_grad_sincos_pos():     helper_test_grad("SinCosPosEmbed", lambda g: SinCosPosEmbed(2, 2, 8), randn(2, 6, 8))
-def test_grad_block_add_linear(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="add_linear"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
-def test_grad_block_linear_add(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="linear_add"), randn(2, 4, 8), randn(2, 4, 8, seed=1))
-def test_grad_block_adaln():    helper_test_grad("Block", lambda g: Block(8, 2, 2, g, adaln=True), randn(2, 4, 8), None, randn(2, 8, seed=2), diff=(0,))
-def test_grad_block_adaln_skip(): helper_test_grad("Block", lambda g: Block(8, 2, 2, g, skip="concat", adaln=True),
-                                                   randn(2, 4, 8), randn(2, 4, 8, seed=1), randn(2, 8, seed=2), diff=(0, 1))
+    import tinyuvit.layers as L
+    from tinyuvit.model import ablations
+    names = " ".join(c.name for c in gc.layer_cases())
+    layers = {n for n, obj in vars(L).items() if inspect.isclass(obj) and issubclass(obj, L.Module)
+              and obj is not L.Module and obj.__module__ == L.__name__}
+    assert all(n in names for n in layers), sorted(n for n in layers if n not in names)
+    assert all(f"UViT {v}" in names for v, choice, _ in ablations() if choice)
 
 
 def test_conv_stride2_equals_every_other_pixel_of_stride1():

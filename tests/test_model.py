@@ -33,31 +33,8 @@ def random_model(c, seed=0, scale=0.3):
     return gc.randomize(UViT(c, seed=seed), np.random.default_rng(seed + 100), scale)
 
 
-# ----------------------------------------------------------------------------------------
-# Gradients of the whole model: the input image and every parameter
-# ----------------------------------------------------------------------------------------
-
-def helper_test_model_grad(c, max_entries=16):
-    rows = gc.check_layer("UViT", lambda g: UViT(c, seed=1), inputs(c), diff=(0,),
-                          max_entries=max_entries, fd_tol=FD_TOL, ag_tol=AG_TOL)
-    assert len(rows) == 1 + len(UViT(c).state_dict())
-    for r in rows:
-        assert r.fd <= FD_TOL, f"{r.tensor}: rel err vs finite differences {r.fd:.2e}"
-        assert r.ag is None or r.ag <= AG_TOL, f"{r.tensor}: rel err vs autograd {r.ag:.2e}"
-
-
-def test_grad_model_depth2():        helper_test_model_grad(cfg(depth=2), max_entries=32)
-def test_grad_model_depth4():        helper_test_model_grad(cfg(depth=4))
-def test_grad_model_depth3():        helper_test_model_grad(cfg(depth=3, in_chans=2))
-def test_grad_model_skip_add():      helper_test_model_grad(cfg(skip="add"))
-def test_grad_model_skip_none():     helper_test_model_grad(cfg(skip="none"))
-def test_grad_model_plain():         helper_test_model_grad(cfg(depth=2, conv="none", pos_embed="none"))
-
-
-@pytest.mark.parametrize("variant", [name for name, choice, _ in ablations() if choice])
-def test_grad_model_ablation(variant):
-    """Every variant of the ablation study: the whole model's gradients."""
-    helper_test_model_grad(cfg(**{n: o for n, _, o in ablations()}[variant]))
+# The whole model's gradients, in every configuration and ablation variant, are cases of
+# gradcheck's table: tests/test_layers.py::test_grad.
 
 
 def test_ablations_are_one_change_each():
@@ -246,9 +223,8 @@ def test_bad_config(change, message):
 def test_init_choices_change_only_their_layer():
     """pos_init and conv_init overwrite U-ViT's init of one layer each: every other parameter is
     the same, the patch rows of the positions are the 2-D table, the final conv passes its
-    input through, and a config saved before these fields existed still loads."""
+    input through (a config saved before these fields: tests/test_compat.py)."""
     from tinyuvit.layers import sincos_2d
-    from tinyuvit.model import INITS
     plain = UViT(cfg()).state_dict()
     new = UViT(cfg(pos_init="sincos2d", conv_init="identity"))
     changed = [k for k, v in new.state_dict().items() if not np.array_equal(v, plain[k])]
@@ -258,9 +234,6 @@ def test_init_choices_change_only_their_layer():
     np.testing.assert_allclose(pos[0, 2:], sincos_2d(4, 16))
     img = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
     np.testing.assert_allclose(new.final_layer(img), img, atol=1e-15)
-    old = {k: v for k, v in cfg().to_dict().items() if k not in INITS}
-    assert UViTConfig.from_dict(old) == cfg()
-    assert INITS["pos_init"][0] == UViTConfig.pos_init and INITS["conv_init"][0] == UViTConfig.conv_init
 
 
 def test_unknown_preset():

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 import tinyuvit.train as train_mod
-from tinyuvit.config import SAVED_BEFORE
 from tinyuvit.backend import cupy_status
 from tinyuvit.tools.checkpoint import CheckpointError, load_checkpoint
 from tinyuvit.tools.cli import main
@@ -108,27 +107,6 @@ def test_noise_schedule_reaches_the_run_and_its_samples(tmp_path):
     assert r.exit_code == 1 and "noise_schedule (checkpoint 'linear', now 'cosine')" in r.output
 
 
-def test_resume_of_a_checkpoint_saved_before_the_init_fields(tmp_path):
-    """A checkpoint saved before noise_schedule, pos_init and conv_init existed is compared as it
-    was trained (FIELDS_ADDED: linear, normal, uniform): it resumes with those, and only those."""
-    from tinyuvit.model import INITS
-    a = tmp_path / "a"
-    old = ("--pos-init", "normal", "--noise-schedule", "linear", "--conv-init", "uniform")   # as runs were then
-    assert run("train-mnist", "--steps", 2, "--out", a, "--sample-every", 0, *old, *FAST).exit_code == 0
-    ck = dict(np.load(a / "checkpoint.npz"))
-    config = json.loads(str(ck["config"]))
-    config["model"] = {k: v for k, v in config["model"].items() if k not in INITS}
-    for name in ("noise_schedule", "pos_init", "conv_init", "weak_at"):   # SAVED_BEFORE's newest
-        config.pop(name)
-    ck["config"] = np.array(json.dumps(config))
-    np.savez(a / "checkpoint.npz", **ck)
-    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *FAST)
-    assert r.exit_code == 1 and "pos_init (checkpoint 'normal', now 'sincos2d')" in r.output   # as it was trained
-    r = run("train-mnist", "--steps", 3, "--out", a, "--resume", "--sample-every", 0, *old, *FAST)
-    assert r.exit_code == 0, r.output
-    assert load_checkpoint(a)["step"] == 3
-
-
 def test_bad_options_and_checkpoints_give_one_line(tmp_path):
     for args, words in [(["--steps", 0], "--steps"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
                         (["--batch-size", 0], "--batch-size"), (["--seed", -1], "--seed"),
@@ -213,19 +191,3 @@ def test_corrupt_checkpoint_is_refused_not_used(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable"):
         train(_tiny_cfg(steps=4), tmp_path, images=images, labels=labels, progress=False, resume=True,
               log=lambda m: None)
-
-
-def test_checkpoint_from_before_the_prediction_option_reads_as_eps(tmp_path):
-    # with a real config and arrays: tests/test_reliability.py (a config needs its model now)
-    from tinyuvit.tools.checkpoint import save_checkpoint
-    path = tmp_path / "checkpoint.npz"
-    old = _tiny_cfg().to_dict()
-    del old["prediction"], old["weighting"], old["clip_loss"]
-    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3, config=old)
-    config = load_checkpoint(path, need=())["config"]
-    assert config["prediction"] == "eps" and config["clip_loss"] == "none"   # every error counted then
-    save_checkpoint(path, params={}, ema={}, opt_state={}, opt_k=0, step=3,
-                    config=dict(old, prediction="v", clip_loss="black"))
-    config = load_checkpoint(path, need=())["config"]
-    assert config["prediction"] == "v" and config["clip_loss"] == "black"
-

@@ -129,10 +129,10 @@ def check_layer(name, make, inputs, diff=None, seed=0, max_entries=16, fd_tol=FD
     """
     rng = np.random.default_rng(seed)
     module = randomize(make(rng), rng)
-    inputs = tuple(np.array(a, dtype=np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                   else np.asarray(a) for a in inputs)
+    inputs = tuple(None if a is None else np.array(a, dtype=np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                   else np.asarray(a) for a in inputs)      # None: an optional input left out
     if diff is None:
-        diff = tuple(i for i, a in enumerate(inputs) if a.dtype == np.float64)
+        diff = tuple(i for i, a in enumerate(inputs) if a is not None and a.dtype == np.float64)
 
     out = module(*inputs)
     cot = rng.standard_normal(out.shape)
@@ -173,43 +173,61 @@ def check_layer(name, make, inputs, diff=None, seed=0, max_entries=16, fd_tol=FD
 # Every layer, and the whole model
 # ----------------------------------------------------------------------------------------
 
-def _cases():
-    """(name, make, inputs, diff, max_entries) for every layer; small shapes, fixed seeds."""
+Case = namedtuple("Case", "name make inputs diff max_entries")   # check_layer's arguments
+
+
+def layer_cases():
+    """Every layer, and the whole model in each configuration, as Cases: the one table that
+    `tinyuvit gradcheck` runs and the tests parametrize over. Small shapes, fixed seeds."""
     r = np.random.default_rng(1234)
     tok = lambda *s: r.standard_normal(s)
     D, H = 8, 2
-    small = UViTConfig(img_size=8, patch_size=2, dim=16, depth=2, num_heads=2, num_classes=3)
-    deep = UViTConfig(img_size=8, patch_size=2, dim=16, depth=4, num_heads=2, num_classes=3)
+    model = UViTConfig(img_size=8, patch_size=2, dim=16, depth=4, num_heads=2, num_classes=3)
     x8, t2, y2 = tok(2, 1, 8, 8), np.array([3.0, 417.0]), np.array([1, 3])  # 3 = the null label
+    uvit = lambda name, seed=2, cap=16, **o: Case(f"UViT {name}", lambda g: UViT(replace(model, **o), seed=seed),
+                                                  (tok(2, o.get("in_chans", 1), 8, 8) if "in_chans" in o else x8, t2, y2),
+                                                  (0,), cap)
     return [
-        ("Linear", lambda g: Linear(5, 4, g), (tok(2, 3, 5),), None, 256),
-        ("LayerNorm", lambda g: LayerNorm(6), (tok(2, 3, 6),), None, 256),
-        ("GELU", lambda g: GELU(), (2.5 * tok(3, 7),), None, 256),
-        ("Softmax", lambda g: Softmax(), (2.0 * tok(2, 3, 5),), None, 256),
-        ("Attention", lambda g: Attention(D, H, g), (tok(2, 5, D),), None, 128),
-        ("MLP", lambda g: MLP(D, 4 * D, g), (tok(2, 3, D),), None, 128),
-        ("PatchEmbed", lambda g: PatchEmbed(2, 3, D, g), (tok(2, 3, 4, 4),), None, 128),
-        ("Conv3x3 1->1", lambda g: Conv3x3(1, 1, g), (tok(2, 1, 5, 5),), None, 256),
-        ("Conv3x3 2->3", lambda g: Conv3x3(2, 3, g), (tok(2, 2, 4, 5),), None, 256),
-        ("LabelEmbedding", lambda g: LabelEmbedding(4, D, g), (np.array([0, 4, 2, 0]),), (), 256),
-        ("PosEmbed", lambda g: PosEmbed(5, D, g), (tok(2, 5, D),), None, 256),
-        ("unpatchify", lambda g: Unpatchify(2, 3), (tok(2, 4, 12),), None, 256),
-        ("Block in", lambda g: Block(D, H, 2, g), (tok(2, 4, D),), None, 64),
-        ("Block out concat", lambda g: Block(D, H, 2, g, skip="concat"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
-        ("Block out add", lambda g: Block(D, H, 2, g, skip="add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
-        ("UViT depth 2", lambda g: UViT(small, seed=1), (x8, t2, y2), (0,), 32),
-        ("UViT depth 4", lambda g: UViT(deep, seed=2), (x8, t2, y2), (0,), 24),
-        # the ablation study's layers and its ten one-change variants of U-ViT
-        ("AdaLN", lambda g: AdaLN(D, g), (tok(2, 3, D), tok(2, D)), None, 128),
-        ("Conv3x3 stride 2", lambda g: Conv3x3(2, 3, g, stride=2), (tok(2, 2, 6, 4),), None, 256),
-        ("ConvPatchEmbed", lambda g: ConvPatchEmbed(4, 1, D, g), (tok(2, 1, 8, 8),), None, 128),
-        ("SinCosPosEmbed", lambda g: SinCosPosEmbed(2, 2, D), (tok(2, 6, D),), None, 256),
-        ("Block add_linear", lambda g: Block(D, H, 2, g, skip="add_linear"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
-        ("Block linear_add", lambda g: Block(D, H, 2, g, skip="linear_add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
-        ("Block adaln", lambda g: Block(D, H, 2, g, skip="concat", adaln=True),
-         (tok(2, 4, D), tok(2, 4, D), tok(2, D)), (0, 1), 64),
-    ] + [(f"UViT {name}", lambda g, o=overrides: UViT(replace(deep, **o), seed=3), (x8, t2, y2), (0,), 16)
-         for name, choice, overrides in ablations() if choice]
+        Case("Linear", lambda g: Linear(5, 4, g), (tok(2, 3, 5),), None, 256),
+        Case("Linear no bias", lambda g: Linear(5, 4, g, bias=False), (tok(7, 5),), None, 256),
+        Case("LayerNorm", lambda g: LayerNorm(6), (tok(2, 3, 6),), None, 256),
+        Case("LayerNorm no affine", lambda g: LayerNorm(6, affine=False), (tok(2, 3, 6),), None, 256),
+        Case("GELU", lambda g: GELU(), (2.5 * tok(3, 7),), None, 256),
+        Case("Softmax", lambda g: Softmax(), (2.0 * tok(2, 3, 5),), None, 256),
+        Case("Attention", lambda g: Attention(D, H, g), (tok(2, 5, D),), None, 128),
+        Case("Attention 1 head", lambda g: Attention(6, 1, g), (tok(1, 4, 6),), None, 128),
+        Case("MLP", lambda g: MLP(D, 4 * D, g), (tok(2, 3, D),), None, 128),
+        Case("PatchEmbed", lambda g: PatchEmbed(2, 3, D, g), (tok(2, 3, 4, 4),), None, 128),
+        Case("Conv3x3 1->1", lambda g: Conv3x3(1, 1, g), (tok(2, 1, 5, 5),), None, 256),
+        Case("Conv3x3 2->3", lambda g: Conv3x3(2, 3, g), (tok(2, 2, 4, 5),), None, 256),
+        Case("LabelEmbedding", lambda g: LabelEmbedding(4, D, g), (np.array([0, 4, 2, 0]),), (), 256),
+        Case("PosEmbed", lambda g: PosEmbed(5, D, g), (tok(2, 5, D),), None, 256),
+        Case("unpatchify", lambda g: Unpatchify(2, 3), (tok(2, 4, 12),), None, 256),
+        Case("Block in", lambda g: Block(D, H, 2, g), (tok(2, 4, D),), None, 64),
+        Case("Block out concat", lambda g: Block(D, H, 2, g, skip="concat"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        Case("Block out add", lambda g: Block(D, H, 2, g, skip="add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        uvit("depth 2", seed=1, cap=32, depth=2),
+        uvit("depth 3, 2 channels", seed=1, depth=3, in_chans=2),
+        uvit("depth 4"),
+        uvit("no conv, no positions", depth=2, conv="none", pos_embed="none"),
+        # the ablation study's layers, and its ten one-change variants of U-ViT
+        Case("AdaLN", lambda g: AdaLN(D, g), (tok(2, 3, D), tok(2, D)), None, 128),
+        Case("Conv3x3 stride 2", lambda g: Conv3x3(2, 3, g, stride=2), (tok(2, 2, 6, 4),), None, 256),
+        Case("Conv3x3 stride 2, odd", lambda g: Conv3x3(1, 2, g, stride=2), (tok(2, 1, 5, 7),), None, 256),
+        Case("ConvPatchEmbed p2", lambda g: ConvPatchEmbed(2, 3, D, g), (tok(2, 3, 4, 4),), None, 128),
+        Case("ConvPatchEmbed p4", lambda g: ConvPatchEmbed(4, 1, D, g), (tok(2, 1, 8, 8),), None, 128),
+        Case("SinCosPosEmbed", lambda g: SinCosPosEmbed(2, 2, D), (tok(2, 6, D),), None, 256),
+        Case("Block add_linear", lambda g: Block(D, H, 2, g, skip="add_linear"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        Case("Block linear_add", lambda g: Block(D, H, 2, g, skip="linear_add"), (tok(2, 4, D), tok(2, 4, D)), None, 64),
+        Case("Block in adaln", lambda g: Block(D, H, 2, g, adaln=True), (tok(2, 4, D), None, tok(2, D)), (0,), 64),
+        Case("Block out adaln", lambda g: Block(D, H, 2, g, skip="concat", adaln=True),
+             (tok(2, 4, D), tok(2, 4, D), tok(2, D)), (0, 1), 64),
+    ] + [uvit(name, seed=3, **overrides) for name, choice, overrides in ablations() if choice]
+
+
+def check_case(case):
+    """check_layer on one Case of the table."""
+    return check_layer(case.name, case.make, case.inputs, diff=case.diff, max_entries=case.max_entries)
 
 
 def run_all(verbose=True):
@@ -218,9 +236,9 @@ def run_all(verbose=True):
     if verbose:
         print(f"{'layer':<24} {'tensors':>7}  {'max rel err (FD)':>16}  "
               f"{'max rel err (autograd)':>22}  pass/fail")
-    for name, make, inputs, diff, cap in _cases():
+    for case in layer_cases():
         t0 = time.perf_counter()
-        layer_rows = check_layer(name, make, inputs, diff=diff, max_entries=cap)
+        layer_rows = check_case(case)
         rows += layer_rows
         if verbose:
             _print_row(summarize(layer_rows)[0], time.perf_counter() - t0)

@@ -55,7 +55,7 @@ def test_the_guided_output_adds_a_times_the_step_away_from_the_weak_prediction()
     np.testing.assert_array_equal(out(2.0, 1.0, None), [3 + 4, 5 + 8])    # no weak network: the same
 
 
-def test_autoguidance_must_be_a_finite_number_at_least_0():
+def test_examples_must_be_a_finite_number_at_least_0():
     for bad in (-0.5, float("nan"), "1"):
         with pytest.raises(ConfigError, match="--autoguidance"):
             SampleConfig(autoguidance=bad)
@@ -105,17 +105,6 @@ def test_load_gives_the_weak_network_and_sampling_uses_it(tmp_path):
     assert not np.array_equal(with_ag, without)
     run.weak = None                                     # as a run saved without weak weights
     np.testing.assert_array_equal(run.sample(digits=[3], count=2, steps=3), without)
-
-
-def test_a_run_without_weak_weights_loads_and_samples_as_before(tmp_path):
-    ck = _train(tmp_path / "old", 2, weak_at=0)
-    old = {k: v for k, v in ck["config"].items() if k != "weak_at"}   # a config from before the field
-    save_checkpoint(tmp_path / "old.npz", params=ck["params"], ema=ck["ema"], opt_state=ck["opt"],
-                    opt_k=ck["opt_k"], step=ck["step"], config=old)
-    run = tinyuvit.load(tmp_path / "old.npz")
-    assert run.weak is None and run.weak_step is None
-    how = SampleConfig(autoguidance=0)
-    np.testing.assert_array_equal(run.sample(digits=[1], count=2), run.sample(digits=[1], count=2, how=how))
 
 
 def test_damaged_weak_weights_are_refused_in_one_line(tmp_path):

@@ -174,14 +174,6 @@ def test_wrong_shape_wrong_type_and_nan(good):
     refused(good, "NaN or infinite", "lower --lr", need=("ema",))
 
 
-def test_checkpoint_from_before_the_prediction_option_reads_as_eps(good):
-    old = run_config()
-    del old["prediction"], old["weighting"]
-    rewrite(good, config=np.array(json.dumps(old)))
-    cfg = load_checkpoint(good)["config"]
-    assert cfg["prediction"] == "eps" and cfg["weighting"] == "min-snr"
-
-
 def test_need_names_known_groups(good):
     with pytest.raises(ValueError, match="unknown groups"):
         load_checkpoint(good, need=("weights",))
