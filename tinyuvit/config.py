@@ -23,7 +23,7 @@ from .sampling import SampleConfig
 
 # What `--device gpu` changes in the defaults (the CPU run is TrainConfig's own defaults).
 # The GPU run keeps 5,000 steps (of 256): the CPU run's 6,500 spend the time that a faster
-# CPU step saved (docs/recipe.md).
+# CPU step saved (docs/recipe.md#model-size-and-training-length).
 GPU_DEFAULTS = dict(batch_size=256, steps=5000)
 
 

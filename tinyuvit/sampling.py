@@ -37,30 +37,31 @@ class SampleConfig:
     noise level of the last step."""
     sampler: str = "dpm++"     # DPM-Solver++(2M): as good at 20 steps as DDIM at 100
     steps: int = 20            # ddpm takes every timestep down to final_sigma
-    guidance: float = 0.6      # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance
-                               # and the clip loss (docs/recipe.md; runs without it: 0.7)
+    # eps = eps_c + s (eps_c - eps_u); 0 = none. 0.6 with autoguidance and the clip loss (runs
+    # without the clip loss: 0.7; docs/recipe.md#guidance-scale-and-interval)
+    guidance: float = 0.6
     eta: float = 0.0           # DDIM noise: 0 = deterministic
     clip: bool = True          # clip the predicted x0 to [-1, 1]
     # guide only at noise levels sigma = sqrt((1 - abar) / abar) in [lo, hi]: not the noisiest
-    # steps (sigma > 6: t > 596 of the linear schedule), where guidance made the digits thicker
-    # and less varied (docs/recipe.md); (0, inf) = every step
+    # steps (sigma > 6: t > 893 of the cosine schedule), where guidance made the digits thicker
+    # and less varied (docs/recipe.md#guidance-scale-and-interval); (0, inf) = every step
     guidance_interval: tuple = (0.0, 6.0)
     # autoguidance (Karras et al. 2024): + a (out_c - weak_c) at every step, where weak is the
-    # same run's EMA early in training (train.TrainConfig.weak_at); 0 = none. A run saved
+    # same run's EMA early in training (config.TrainConfig.weak_at); 0 = none. A run saved
     # without weak weights samples as if a = 0.
     autoguidance: float = 1.0
     # the noise level sigma of the last step, from which the sampler jumps to the clean image
     # (the x0 the network predicts there); the steps are spread down to it. 0 = timestep 0
     # (sigma 0.0064 with the cosine schedule, 0.01 with the linear one). 0.2: the network's x0
     # of the last, least noisy steps is imprecise by a grey level or two, and left the background
-    # speckled with faint pixels (docs/recipe.md)
+    # speckled with faint pixels (docs/recipe.md#last-step)
     final_sigma: float = 0.2
     # the last step's x0, image by image: where its ink_percentile-th percentile pixel s lies
     # above full ink (1), [-1, s] is scaled onto [-1, 1] before the clip (`scale_ink`); 0 = clip
     # only, as runs were sampled before. Every real digit has its brightest pixel at 254-255, and
     # 0.65% of all their pixels are 255; the network's x0 overshoots full ink by 2-12% and the
     # clip alone put 3.7% of the pixels at 255. 99.7 leaves about as many at 255 as real digits
-    # (docs/recipe.md)
+    # (docs/recipe.md#ink-scaling)
     ink_percentile: float = 99.7
 
     def __post_init__(self):

@@ -103,8 +103,8 @@ def guidance_interval_option(fn):
     lo, hi = SampleConfig.guidance_interval
     return click.option("--guidance-interval", type=_Interval(), default=f"{lo:g},{hi:g}", show_default=True,
                         help="Guide only the steps whose noise level sigma = sqrt((1 - abar)/abar) lies in "
-                             "[LO, HI] (about 0.01 at the clean end, 157 at pure noise with the linear "
-                             "schedule; 0,inf guides every step); the others use the conditional model "
+                             "[LO, HI] (with the default cosine schedule 0.0064 at the clean end, 6 at "
+                             "t = 893, 20,000 at pure noise; 0,inf guides every step); the others use the conditional model "
                              "alone and cost half.")(fn)
 
 
