@@ -11,12 +11,18 @@ from click.testing import CliRunner
 import tinyuvit
 from tinyuvit.backend import Backend, cupy_status, to_numpy
 from tinyuvit.errors import CheckpointError, ConfigError
-from tinyuvit.layers import patchify, sincos_2d, timestep_embedding, unpatchify
+from tinyuvit.layers import sincos_2d, timestep_embedding, unpatchify
 from tinyuvit.model import UViT, UViTConfig, ablations
 from tinyuvit.tools.checkpoint import save_checkpoint
 from tinyuvit.tools.cli import main
-from tinyuvit.tools.explain import (forward_without_skip, learned_positions, position_similarity, probed,
-                                    token_map, traced_forward)
+from tinyuvit.tools.explain import (
+    forward_without_skip,
+    learned_positions,
+    position_similarity,
+    probed,
+    token_map,
+    traced_forward,
+)
 
 SMALL = dict(dim=16, depth=2, num_heads=2)      # 3 blocks: in 1, mid, out 1
 FEW_STEPS = dict(steps=4)                       # sampler steps: enough to draw every picture
@@ -79,7 +85,7 @@ def test_label_token_made_to_attend_one_patch_lights_that_patch():
 
 def test_attention_rows_sum_to_one(backend):
     model = small_model(backend, depth=4)
-    out, maps, norms = traced_forward(probed(model), *inputs(model, B=3))
+    _, maps, norms = traced_forward(probed(model), *inputs(model, B=3))
     assert len(maps) == 5 and len(norms) == 2
     L = model.extras + 49
     for a in maps:

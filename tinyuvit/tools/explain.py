@@ -237,7 +237,7 @@ class Trace:
 
 def level_steps(n_steps):
     """The step indices of the early, middle and late noise levels (LEVELS), in order."""
-    return sorted({min(n_steps - 1, int(round(f * (n_steps - 1)))) for f in LEVELS})
+    return sorted({min(n_steps - 1, round(f * (n_steps - 1))) for f in LEVELS})
 
 
 def trace_sampling(model, diffusion, how, digit, seed, weak=None, zero_skip=None, keep=None, progress=None):
@@ -511,7 +511,8 @@ def draw_heads(trace, names, block, extras, grid, patch, digit, path):
     maps = trace.steps[i].maps[block]                                                   # [H, L, L]
     H = maps.shape[0]
     q = extras + patch[0] * grid + patch[1]
-    cols = [("label token", 0)] + ([("time token", 1)] if extras == 2 else []) + [(f"patch ({patch[0]}, {patch[1]})", q)]
+    cols = ([("label token", 0)] + ([("time token", 1)] if extras == 2 else [])
+            + [(f"patch ({patch[0]}, {patch[1]})", q)])
     fig, axes, cax = _figure(
         f"The {H} heads of block '{names[block]}' apart ({_level_title(trace, i)}, digit {digit}), and their mean "
         f"(last row): where the label token{', the time token' if extras == 2 else ''} and the framed patch look "
@@ -581,7 +582,6 @@ def draw_attention_share(trace, names, extras, grid, path):
 def draw_positions(sim_trained, sim_start, grid, start_text, path):
     """Grids of grid x grid maps: map (r, c) is the cosine similarity of patch (r, c)'s position
     vector with every patch's; the trained run beside the 2-D sinusoidal table and their difference."""
-    import matplotlib
     panels = [("learned positions of this run", sim_trained)]
     if sim_start is not None:
         panels += [(start_text, sim_start), ("learned - table", sim_trained - sim_start)]
@@ -692,6 +692,25 @@ def draw_zeroed_skips(rows, columns, digit, path):
 # All of it
 # ----------------------------------------------------------------------------------------
 
+@dataclass
+class Scene:
+    """What every part of `explain` draws from: the run, the traced digit and where the PNGs go."""
+    model: object
+    diffusion: object
+    how: object
+    digit: int
+    seed: int
+    weak: object
+    trace: Trace
+    patch: tuple
+    out_dir: str
+    note: object                  # note(line): a part this run does not have
+    bar: object                   # the progress bar
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+
 def explain(model, diffusion, how, out_dir, digit=3, seed=0, patch=None, weak=None, progress=True, log=None):
     """Sample one `digit` (with sampling settings `how`, the early weights `weak` for autoguidance)
     and write the pictures 1-4 into `out_dir`, with the numbers they show in explain.json
@@ -699,90 +718,104 @@ def explain(model, diffusion, how, out_dir, digit=3, seed=0, patch=None, weak=No
     `log(line)` hears the notes (parts this run does not have); `progress`: a progress bar."""
     from .progress import Progress
     cfg = model.cfg
-    grid, extras = cfg.img_size // cfg.patch_size, model.extras
     digit = check_digit(digit)
-    patch = check_patch(patch, grid)
+    patch = check_patch(patch, cfg.img_size // cfg.patch_size)
     out_dir = check_out_dir(out_dir)
     n_steps = len(diffusion.sampler_timesteps(how))
-    skips = cfg.skip != "none" and len(model.out_blocks) > 0
-    log = log or (lambda line: None)
     notes, files = [], []
     measures = {"digit": digit, "seed": seed, "steps": n_steps,
                 "sampling": asdict(how) if is_dataclass(how) else repr(how)}
 
     def note(line):
         notes.append(line)
-        log(line)
+        (log or (lambda line: None))(line)
 
-    total = n_steps * (1 + (len(model.out_blocks) if skips else 0)) + PICTURES
+    total = n_steps * (1 + len(model.out_blocks)) + PICTURES
     with one_blas_thread(model), Progress(total, "explain", unit="step", disable=not progress) as bar:
         trace = trace_sampling(model, diffusion, how, digit, seed, weak, progress=bar)
         os.makedirs(out_dir, exist_ok=True)
-        out = lambda name: os.path.join(out_dir, name)
-        names = [n for n, _ in blocks_of(model)]
         patch = patch or most_ink(trace.image, cfg.patch_size)
         measures.update(sigmas=[float(s) for s in trace.sigmas], levels=trace.levels, patch=list(patch))
-
-        files.append(draw_emergence(trace, digit, out("explain_1_emergence.png")))
-        bar.update(1)
-        measures["label_adds"] = [pixel_change(a, b) for a, b in zip(trace.x0_label, trace.x0_null)]
-
-        # 2. attention
-        if extras == 1:
-            note("this run has no time token (time_cond=adaln: the time scales and shifts every LayerNorm); "
-                 "the attention pictures show the label token only")
-        files.append(draw_token_attention(trace, names, extras, grid, digit, out("explain_2_tokens.png")))
-        files.append(draw_patch_attention(trace, names, extras, grid, patch, digit, out("explain_2_patch.png")))
-        files.append(draw_heads(trace, names, len(model.in_blocks), extras, grid, patch, digit,
-                                out("explain_2_heads.png")))
-        files.append(draw_attention_share(trace, names, extras, grid, out("explain_2_share.png")))
-        bar.update(4)
-        measures["attention"] = attention_measures(trace, names, extras, grid, patch)
-
-        # 3. positions
-        pos = learned_positions(model)
-        if pos is None:
-            note(f"this run learns no positions (pos_embed={cfg.pos_embed}: "
-                 + ("the fixed 2-D sinusoidal table" if cfg.pos_embed == "sincos2d" else "none at all")
-                 + "); no positions picture")
-        else:
-            sim = position_similarity(pos)
-            start = None
-            if cfg.dim % 4 == 0:
-                start = position_similarity(sincos_2d(grid, cfg.dim))
-                began = ("the 2-D sinusoidal table: where this run started" if cfg.pos_init == "sincos2d"
-                         else "the 2-D sinusoidal table (for reference: this run started from N(0, 0.02))")
-            else:
-                note(f"width {cfg.dim} is not divisible by 4: no 2-D sinusoidal table to compare with")
-                began = None
-            files.append(draw_positions(sim, start, grid, began, out("explain_3_positions.png")))
-            measures["positions"] = {"trained": neighbour_similarity(sim, grid)}
-            if start is not None:
-                off = ~np.eye(len(sim), dtype=bool)
-                measures["positions"]["sincos2d"] = neighbour_similarity(start, grid)
-                measures["positions"]["correlation_with_sincos2d"] = float(np.corrcoef(sim[off], start[off])[0, 1])
-        bar.update(1)
-
-        # 4. long skips
-        if not skips:
-            note(f"this run has no long skips ({'skip=none' if cfg.skip == 'none' else 'no out-blocks'}); "
-                 "no skip pictures")
-        else:
-            snames = skip_names(model)
-            files.append(draw_skip_norms(trace, snames, cfg.skip, extras, out("explain_4_skip_norms.png")))
-            series = skip_series(trace, extras)
-            measures["skips"] = {n: {"main": series[:, j, 0].tolist(), "skip": series[:, j, 1].tolist()}
-                                 for j, n in enumerate(snames)}
-            rows, zeroed = zeroed_skips(model, diffusion, how, digit, seed, weak, trace, bar)
-            columns = [_level_title(trace, i) for i in trace.levels] + ["sampled all the way"]
-            files.append(draw_zeroed_skips(rows, columns, digit, out("explain_4_skips_zeroed.png")))
-            measures["skips_zeroed"] = zeroed
+        scene = Scene(model, diffusion, how, digit, seed, weak, trace, patch, out_dir, note, bar)
+        for part in (emergence_part, attention_part, positions_part, skips_part):
+            drawn, numbers = part(scene)
+            files += drawn
+            measures.update(numbers)
         measures["notes"] = notes
-        path = out("explain.json")
+        path = scene.path("explain.json")
         atomic_write(path, lambda f: f.write(json.dumps(measures, indent=1).encode()))
         files.append(path)
         bar.update(bar.total - bar.n)
     return {"files": files, "notes": notes, "measures": measures, "patch": patch, "how": how, "image": trace.image}
+
+
+def emergence_part(scene):
+    """Picture 1 -> ([PNG], {"label_adds": the mean |x0 label - x0 null| per step, grey levels})."""
+    trace = scene.trace
+    files = [draw_emergence(trace, scene.digit, scene.path("explain_1_emergence.png"))]
+    scene.bar.update(1)
+    return files, {"label_adds": [pixel_change(a, b) for a, b in zip(trace.x0_label, trace.x0_null)]}
+
+
+def attention_part(scene):
+    """The four pictures of 2 -> ([PNGs], {"attention": the numbers they show})."""
+    model, trace, patch, path = scene.model, scene.trace, scene.patch, scene.path
+    grid, extras = model.cfg.img_size // model.cfg.patch_size, model.extras
+    names = [n for n, _ in blocks_of(model)]
+    if extras == 1:
+        scene.note("this run has no time token (time_cond=adaln: the time scales and shifts every LayerNorm); "
+                   "the attention pictures show the label token only")
+    files = [draw_token_attention(trace, names, extras, grid, scene.digit, path("explain_2_tokens.png")),
+             draw_patch_attention(trace, names, extras, grid, patch, scene.digit, path("explain_2_patch.png")),
+             draw_heads(trace, names, len(model.in_blocks), extras, grid, patch, scene.digit,
+                        path("explain_2_heads.png")),
+             draw_attention_share(trace, names, extras, grid, path("explain_2_share.png"))]
+    scene.bar.update(len(files))
+    return files, {"attention": attention_measures(trace, names, extras, grid, patch)}
+
+
+def positions_part(scene):
+    """Picture 3, or a note where the run learns no positions -> ([PNG], {"positions": ...})."""
+    cfg, model = scene.model.cfg, scene.model
+    grid = cfg.img_size // cfg.patch_size
+    scene.bar.update(1)
+    pos = learned_positions(model)
+    if pos is None:
+        scene.note(f"this run learns no positions (pos_embed={cfg.pos_embed}: "
+                   + ("the fixed 2-D sinusoidal table" if cfg.pos_embed == "sincos2d" else "none at all")
+                   + "); no positions picture")
+        return [], {}
+    sim, start, began = position_similarity(pos), None, None
+    numbers = {"trained": neighbour_similarity(sim, grid)}
+    if cfg.dim % 4:
+        scene.note(f"width {cfg.dim} is not divisible by 4: no 2-D sinusoidal table to compare with")
+    else:
+        start = position_similarity(sincos_2d(grid, cfg.dim))
+        began = ("the 2-D sinusoidal table: where this run started" if cfg.pos_init == "sincos2d"
+                 else "the 2-D sinusoidal table (for reference: this run started from N(0, 0.02))")
+        off = ~np.eye(len(sim), dtype=bool)
+        numbers.update(sincos2d=neighbour_similarity(start, grid),
+                       correlation_with_sincos2d=float(np.corrcoef(sim[off], start[off])[0, 1]))
+    files = [draw_positions(sim, start, grid, began, scene.path("explain_3_positions.png"))]
+    return files, {"positions": numbers}
+
+
+def skips_part(scene):
+    """The two pictures of 4, or a note where the run has no long skips -> ([PNGs], {...})."""
+    model, trace = scene.model, scene.trace
+    if model.cfg.skip == "none" or not model.out_blocks:
+        scene.note(f"this run has no long skips ({'skip=none' if model.cfg.skip == 'none' else 'no out-blocks'}); "
+                   "no skip pictures")
+        return [], {}
+    names = skip_names(model)
+    series = skip_series(trace, model.extras)                                           # [S, J, 2]
+    rows, zeroed = zeroed_skips(scene)
+    columns = [_level_title(trace, i) for i in trace.levels] + ["sampled all the way"]
+    files = [draw_skip_norms(trace, names, model.cfg.skip, model.extras, scene.path("explain_4_skip_norms.png")),
+             draw_zeroed_skips(rows, columns, scene.digit, scene.path("explain_4_skips_zeroed.png"))]
+    return files, {"skips": {n: {"main": series[:, j, 0].tolist(), "skip": series[:, j, 1].tolist()}
+                             for j, n in enumerate(names)},
+                   "skips_zeroed": zeroed}
 
 
 def one_blas_thread(model):
@@ -811,7 +844,7 @@ def attention_measures(trace, names, extras, grid, patch):
         label = [token_map(m, 0, extras, grid) for m in maps]
         out[f"step_{i}"] = {
             "sigma": float(trace.sigmas[i]),
-            # the label token's attention on patches with ink (x0 > 0 somewhere in the patch), of all its patch attention
+            # the share of the label token's patch attention on patches with ink (x0 > 0 somewhere in them)
             "label_on_ink": [float(a[ink].sum() / a.sum()) for a in label],
             "ink_patches": float(ink.mean()),
             "label_max": [float(a.max()) for a in label],
@@ -820,21 +853,23 @@ def attention_measures(trace, names, extras, grid, patch):
     return out
 
 
-def zeroed_skips(model, diffusion, how, digit, seed, weak, trace, bar):
-    """Rows for `draw_zeroed_skips` and the mean pixel changes they show."""
+def zeroed_skips(scene):
+    """Rows for `draw_zeroed_skips` (intact, then each skip zeroed) and the mean pixel changes they show."""
+    model, diffusion, trace = scene.model, scene.diffusion, scene.trace
     xp = model.backend.xp
-    y = xp.asarray(np.array([digit]))
+    y = xp.asarray(np.array([scene.digit]))
     intact = [trace.x0_label[i] for i in trace.levels] + [trace.image]
     rows, changes = [("intact", intact, None)], {}
     for j, name in enumerate(skip_names(model)):
         images = []
-        for i in trace.levels:
+        for i in trace.levels:                       # x0 from the intact sampler's x_t, this skip zeroed
             s = trace.steps[i]
-            x = xp.asarray(s.x[None])
+            x = xp.asarray(s.x[None])                                                   # [1, C, H, W]
             out = forward_without_skip(model, x, xp.asarray(np.array([s.t])), y, j)
-            a = float(diffusion.schedule.abar(s.t))
-            images.append(to_numpy(diffusion.x0_and_eps(x, out, a, clip=True)[0])[0, 0])
-        images.append(trace_sampling(model, diffusion, how, digit, seed, weak, zero_skip=j, keep=(), progress=bar).image)
+            x0, _ = diffusion.x0_and_eps(x, out, float(diffusion.schedule.abar(s.t)), clip=True)
+            images.append(to_numpy(x0)[0, 0])
+        images.append(trace_sampling(model, diffusion, scene.how, scene.digit, scene.seed, scene.weak, zero_skip=j,
+                                     keep=(), progress=scene.bar).image)     # sampled all the way without it
         change = [pixel_change(a, b) for a, b in zip(images, intact)]
         rows.append((f"{name}\nzeroed", images, change))
         changes[name] = {"x0_at_levels": change[:-1], "sampled": change[-1]}
