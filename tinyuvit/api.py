@@ -84,7 +84,6 @@ class Run:
         res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])
         return res
 
-
     def explain(self, out_dir, digit=3, seed=0, patch=None, how=None, progress=False, log=None, **settings):
         """Sample one `digit` as `sample(digits=[digit], count=1, seed=seed)` would and write PNGs of
         what happens inside the network into `out_dir` (tinyuvit.tools.explain): how the digit
