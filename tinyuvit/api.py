@@ -4,6 +4,7 @@
     run = tinyuvit.load("runs/mnist-tiny/checkpoint.npz")   # the model, its diffusion, its config
     images = run.sample(digits=[3, 7], count=8)              # uint8 [16, 28, 28], as `tinyuvit sample`
     scores = run.evaluate(per_digit=100)                     # as `tinyuvit evaluate --json`
+    run.explain("explain", digit=3)                          # PNGs of its insides, as `tinyuvit explain`
 
 Defaults are those of the command line, from one place: `SampleConfig` (how to sample) and
 `evaluate.PER_DIGIT` (how many samples to score).
@@ -83,6 +84,19 @@ class Run:
         # FID falls with the number of samples: the floor at the same n is the like-for-like bound
         res["fid_floor_same_n"] = float(reference_stats(classifier, data_dir=data_dir, floor_n=res["n"])["fid_floor"])
         return res
+
+    def explain(self, out_dir, digit=3, seed=0, patch=None, how=None, progress=False, log=None, **settings):
+        """Sample one `digit` as `sample(digits=[digit], count=1, seed=seed)` would and write PNGs of
+        what happens inside the network into `out_dir` (tinyuvit.tools.explain): how the digit
+        emerges, what the tokens attend to, what the positions learned, what the long skips carry.
+        `patch` (row, col): the patch whose attention is drawn (default: the one with most ink).
+        -> {"files": [PNGs, explain.json], "notes": [parts this run lacks], "measures": {the numbers
+        drawn}, "patch": (row, col), "how": the SampleConfig used, "image": the digit, [28, 28] in [-1, 1]}"""
+        from .tools.explain import explain
+        how = _sample_config(how, settings)
+        check_count("seed (--seed)", seed, 0)
+        return explain(self.model, self.diffusion, how, out_dir, digit=digit, seed=seed, patch=patch,
+                       weak=self.weak, progress=progress, log=log)
 
 
 def load(path, device="cpu", weights="ema"):

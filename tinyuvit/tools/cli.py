@@ -622,5 +622,75 @@ def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads
     click.echo(f"\nwrote {', '.join(os.path.basename(p) for p in out['files'])} in {out_dir}")
 
 
+# ----------------------------------------------------------------------------------------
+# explain: a thin shell over Run.explain (tinyuvit.tools.explain)
+# ----------------------------------------------------------------------------------------
+
+@main.command("explain", epilog="\b\nExamples:\n"
+              "  tinyuvit explain --checkpoint runs/mnist-tiny --digit 3 --out explain-3\n"
+              "  tinyuvit explain --checkpoint runs/mnist-tiny/checkpoint.npz --digit 7 --seed 2 --patch 3,4")
+@click.option("--checkpoint", "ckpt", type=click.Path(), required=True, help="A run's checkpoint.npz (or its folder).")
+@click.option("--digit", type=int, default=3, show_default=True, help="The digit to sample and look inside (0..9).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampler's noise: the digit `tinyuvit sample --digits D --count 1 --seed S` draws.")
+@click.option("--patch", default=None,
+              help="ROW,COL (from 0) of the patch whose attention is drawn. [default: the patch with the most ink]")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Folder for the PNGs and explain.json. [default: explain/ beside the checkpoint]")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def explain_cmd(ckpt, digit, seed, patch, out_dir, device, quiet):
+    """Look inside a trained run: sample one digit with the run's sampling defaults and draw how
+    it emerges, what the tokens attend to, what the positions learned and what the long skips
+    carry, each as a PNG whose title says how to read it.
+
+    \b
+    explain_1_emergence.png    x_t and the x0 at every step, with the label and without
+    explain_2_tokens.png       where the label and time tokens look, block by block
+    explain_2_patch.png        where one patch looks, block by block
+    explain_2_heads.png        the heads of the mid-block apart
+    explain_2_share.png        the patches' attention on the label and time tokens, and its reach
+    explain_3_positions.png    the learned positions' similarity beside the 2-D sinusoidal table
+    explain_4_skip_norms.png   the main and skip parts of each out-block's input
+    explain_4_skips_zeroed.png x0 with each long skip zeroed
+    explain.json               the numbers the pictures show
+
+    Parts a run does not have (a time token with --time-cond adaln, learned positions, long
+    skips) are skipped with a line that says so. The library call: tinyuvit.load(RUN).explain(OUT).
+    """
+    from ..api import load
+    from ..backend import Backend
+    from .checkpoint import resolve
+    from .evaluate import check_count
+    from .explain import check_digit, check_out_dir
+    check_digit(digit)
+    check_count("seed (--seed)", seed, 0)
+    patch = _parse_patch(patch)
+    Backend(device)                   # no usable GPU: one line before anything is read
+    src = resolve(ckpt)
+    out_dir = check_out_dir(out_dir or os.path.join(os.path.dirname(src), "explain"))
+    run = load(src, device)
+    log = lambda m: click.echo(m, err=True)
+    res = run.explain(out_dir, digit=digit, seed=seed, patch=patch, progress=not quiet, log=log)
+    how = res["how"]
+    chosen = "the one with the most ink" if patch is None else "as asked"
+    log(f"digit {digit} (seed {seed}) from {run.path} (step {run.step}): {how.sampler}, "
+        f"{res['measures']['steps']} steps, {how.guidance_text(run.weak is not None)}; patch {res['patch']}: {chosen}")
+    click.echo("\n".join(f"wrote {f}" for f in res["files"]))
+
+
+def _parse_patch(text):
+    """'3,4' -> (3, 4); None stays None; anything else a ConfigError (the range is checked
+    against the run's patch grid once it is loaded)."""
+    from ..errors import ConfigError
+    if text is None:
+        return None
+    try:
+        row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"patch (--patch) must be ROW,COL like 3,4 (from 0), got {text!r}") from None
+    return row, col
+
+
 if __name__ == "__main__":
     main()
