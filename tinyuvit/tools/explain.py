@@ -252,7 +252,7 @@ def trace_sampling(model, diffusion, how, digit, seed, weak=None, zero_skip=None
                              callback=lambda i, x, x0: guided.append(to_numpy(x0)[0, 0]))
     sched = diffusion.schedule
     abar = [float(sched.abar(s.t)) for s in tracer.steps]
-    x0 = lambda s, out, a: diffusion.x0_and_eps(s.x[None], out[None], a, clip=True)[0][0, 0]
+    x0 = lambda s, out, a: diffusion.clipped(s.x[None], diffusion.x0_and_eps(s.x[None], out[None], a)[0], a)[0][0, 0]
     return Trace(steps=tracer.steps, sigmas=np.sqrt((1.0 - np.array(abar)) / np.array(abar)), x0_guided=guided,
                  x0_label=[x0(s, s.out_label, a) for s, a in zip(tracer.steps, abar)],
                  x0_null=[x0(s, s.out_null, a) for s, a in zip(tracer.steps, abar)],
@@ -873,7 +873,7 @@ def zeroed_skips(scene):
             s = trace.steps[i]
             x = xp.asarray(s.x[None])                                                   # [1, C, H, W]
             out = forward_without_skip(model, x, xp.asarray(np.array([s.t])), y, j)
-            x0, _ = diffusion.x0_and_eps(x, out, float(diffusion.schedule.abar(s.t)), clip=True)
+            a = float(diffusion.schedule.abar(s.t)); x0, _ = diffusion.clipped(x, diffusion.x0_and_eps(x, out, a)[0], a)
             images.append(to_numpy(x0)[0, 0])
         images.append(trace_sampling(model, diffusion, scene.how, scene.digit, scene.seed, scene.weak, zero_skip=j,
                                      keep=(), progress=scene.bar).image)     # sampled all the way without it
