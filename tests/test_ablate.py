@@ -140,8 +140,8 @@ def test_a_study_cut_between_seeds_resumes_where_it_stopped(tmp_path, monkeypatc
     r = cli("ablate", "--out", tmp_path, "--only", "skip=none", "--quiet")
     assert r.exit_code == 128 + signal.SIGTERM, r.output
     assert "run the same command again" in r.output
-    done = [f for f in ("uvit", "uvit-seed1", "skip-none", "skip-none-seed1") if (tmp_path / f / "result.json").exists()]
-    assert done == ["uvit", "uvit-seed1", "skip-none"]
+    folders = ("uvit", "uvit-seed1", "skip-none", "skip-none-seed1")
+    assert [f for f in folders if (tmp_path / f / "result.json").exists()] == ["uvit", "uvit-seed1", "skip-none"]
     assert train_mod.load_checkpoint(tmp_path / "skip-none-seed1")["step"] == 3     # saved first
     assert "| skip=none (seed 0) |" in (tmp_path / "results.md").read_text()        # the report so far
 

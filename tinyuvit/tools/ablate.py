@@ -811,19 +811,25 @@ def verdict(claim, fid):
     if fid["p"] is None:
         return "unresolved at this budget", "fewer than two paired seeds"
     significant, a_better = fid["p_holm"] < ALPHA, fid["mean"] < 0
+    holm_p = f"Holm p = {fid['p_holm']:.2g}"
     if significant and claim.expect == "better":
-        return ("agrees" if a_better else "disagrees"), f"Holm p = {fid['p_holm']:.3g}"
+        return ("agrees" if a_better else "disagrees"), holm_p
     if significant:
-        return ("disagrees" if a_better else "agrees"), f"Holm p = {fid['p_holm']:.3g}"
-    lo, _ = bonferroni_interval(fid, fid["m"])
+        return ("disagrees" if a_better else "agrees"), holm_p
+    lo, hi = bonferroni_interval(fid, fid["m"])
+    interval = f"Bonferroni interval [{lo:.2f}, {hi:.2f}]".replace("-", "\u2212")
     if claim.expect == "no better" and lo > -TARGET["fid"]:
-        return "agrees", (f"no better by {TARGET['fid']:g} FID or more: the Bonferroni interval "
-                          f"starts at {lo:+.2f}")
+        return "agrees", f"{holm_p}; not better by {TARGET['fid']:g} FID or more: {interval}"
+    if -TARGET["fid"] < lo and hi < TARGET["fid"]:      # small either way: how many seeds for one this small
+        n = seeds_needed(fid["mean"], fid["sd"], fid["m"])
+        return "unresolved at this budget", (f"{holm_p}; no difference of {TARGET['fid']:g} FID or more either "
+                                             f"way ({interval}); one of {abs(fid['mean']):.2f} would need "
+                                             + (f"about {n} seeds" if n else f"more than {MOST_SEEDS} seeds"))
     delta = max(abs(fid["mean"]), TARGET["fid"])
     n = seeds_needed(delta, fid["sd"], fid["m"])
-    return "unresolved at this budget", (f"Holm p = {fid['p_holm']:.2g}; about {n} seeds" if n else
-                                         f"Holm p = {fid['p_holm']:.2g}; more than {MOST_SEEDS} seeds") + \
-        f" would resolve a difference of {delta:.1f} FID"
+    return "unresolved at this budget", (f"{holm_p}; " + (f"about {n} seeds" if n else
+                                                         f"more than {MOST_SEEDS} seeds") +
+                                         f" would resolve a difference of {delta:.1f} FID")
 
 
 def claim_verdicts(budget, entries, table=None):
