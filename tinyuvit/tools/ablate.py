@@ -706,16 +706,16 @@ def sweep_claims(budget):
     32x32) as claims on the budget's sweep: the smaller value, U-ViT, the larger value."""
     s, out = budget.sweep, []
     if "depth" in s:
-        out += [Claim("3.2 depth", "more blocks help (9 -> 13)", "uvit", f"depth={s['depth'][0]}"),
-                Claim("3.2 depth", "more blocks beyond that add nothing (13 -> 17)",
+        out += [Claim("3.2 depth", "more blocks help (9 → 13)", "uvit", f"depth={s['depth'][0]}"),
+                Claim("3.2 depth", "more blocks beyond that add nothing (13 → 17)",
                       f"depth={s['depth'][1]}", "uvit", "no better")]
     if "width" in s:
-        out += [Claim("3.2 width", "a wider model helps (256 -> 512)", "uvit", f"width={s['width'][0]}"),
-                Claim("3.2 width", "wider beyond that adds nothing (512 -> 768)",
+        out += [Claim("3.2 width", "a wider model helps (256 → 512)", "uvit", f"width={s['width'][0]}"),
+                Claim("3.2 width", "wider beyond that adds nothing (512 → 768)",
                       f"width={s['width'][1]}", "uvit", "no better")]
     if "patch_size" in s:
-        out += [Claim("3.2 patch size", "a smaller patch helps (8 -> 4)", "uvit", f"patch_size={s['patch_size'][1]}"),
-                Claim("3.2 patch size", "a smaller patch helps (4 -> 2)", f"patch_size={s['patch_size'][0]}", "uvit")]
+        out += [Claim("3.2 patch size", "a smaller patch helps (8 → 4)", "uvit", f"patch_size={s['patch_size'][1]}"),
+                Claim("3.2 patch size", "a smaller patch helps (4 → 2)", f"patch_size={s['patch_size'][0]}", "uvit")]
     return out
 
 

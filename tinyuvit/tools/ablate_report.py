@@ -119,7 +119,8 @@ def _claims_section(budget, entries, table):
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         c = r["claim"]
-        lines.append(f"| {c.section} | {c.words} | {_name(c.a, budget)} vs {_name(c.b, budget)} | "
+        knob = next((m.partition("=")[0] for m in (c.a, c.b) if m.partition("=")[0] in SWEEP), None)
+        lines.append(f"| {c.section} | {c.words} | {_name(c.a, budget, knob)} vs {_name(c.b, budget, knob)} | "
                      f"{_diff(r['fid'])} | {_p(r['fid'])} | {_diff(r['accuracy'], '.1f')} | {_p(r['accuracy'])} | "
                      f"**{r['word']}** ({r['why']}) |")
     lines += ["", f"*Agrees* or *disagrees* only where the FID difference survives Holm's correction at "
@@ -276,17 +277,19 @@ def _recipe_section(budget):
             f"| runs | one per variant | {len(budget.seeds)} seeds per model, paired |", ""]
 
 
-def _name(model, budget):
-    """A model's name with what the sweep makes of it: "depth=4 (5 blocks)", "uvit (7 blocks, width 64, patch 4)"."""
+def _name(model, budget, knob=None):
+    """A model's name with what the sweep makes of it: "depth=4 (5 blocks)", and U-ViT's own value
+    of the sweep knob `knob` beside it: "U-ViT (7 blocks)"."""
     base = budget.base_model()
+    tokens = lambda p: (base.img_size // p) ** 2
     if model == "uvit":
-        return f"U-ViT ({base.num_blocks} blocks, width {base.dim}, patch {base.patch_size})" if budget.sweep \
-            else "U-ViT"
-    knob, _, value = model.partition("=")
-    if knob == "depth":
+        return "U-ViT" + {"depth": f" ({base.num_blocks} blocks)", "width": f" (width {base.dim})",
+                          "patch_size": f" (patch {base.patch_size}, {tokens(base.patch_size)} tokens)"}.get(knob, "")
+    name, _, value = model.partition("=")
+    if name == "depth":
         return f"{model} ({2 * (int(value) // 2) + 1} blocks)"
-    if knob == "patch_size":
-        return f"{model} ({(base.img_size // int(value)) ** 2} tokens)"
+    if name == "patch_size":
+        return f"{model} ({tokens(int(value))} tokens)"
     return model
 
 
