@@ -173,7 +173,7 @@ def test_the_pilot_measures_both_conv_starts_at_two_sample_counts_and_the_study_
     study(tmp_path, budget, only=None, pilot=True)
     md = (tmp_path / "results.md").read_text()
     assert "## Pilot" in md and "| identity (the budget) | 30 |" in md and "| uniform | 20 |" in md
-    assert "## The paper's claims" not in md      # no variant yet
+    assert "## The paper's claims" not in md and (tmp_path / "pilot.png").is_file()   # no variant yet
     monkeypatch.setattr(ablate, "train", lambda cfg, *a, **k: pytest.fail("trained U-ViT again") if
                         not cfg.model_overrides.get("skip") else train_mod.train(cfg, *a, **k))
     lines = []

@@ -22,6 +22,7 @@ A study folder holds:
     results.md        the paper's claims with tinyuvit's verdicts, every model's paired difference
                       to U-ViT, the sampling noise, the pilot's spreads (if run), every run's scores
     differences.png   the paired mean difference to U-ViT with its 95% interval, accuracy and FID
+    pilot.png         the pilot's scores: every seed, each rescored with a second sampling seed
     loss.png, learning.png, grids.png    loss curves, learning curves (if any), sample grids
     uvit/, uvit-seed1/, skip-add/, skip-add-seed1/, ...   one train-mnist run folder per run
 
@@ -154,16 +155,21 @@ class Budget:
 
 # Every number of a study in one table.
 # quick: a 2-core CPU. The levers that lower the seed spread without changing the network: the
-# final conv starts as the identity (its random start was most of U-ViT's seed spread), no
-# learning curves (they cost time and change no weight), and the time saved spent on 2,000
-# samples per score instead of 1,000. About 4.5 min a run: the 33 runs of the eleven models in
-# about 2.6 hours, the 18 of the sweep in about 2.5 more (README; measured by the pilot).
-# default: meant for a GPU.
+# final conv starts as the identity (a random start left all three pilot runs on a loss plateau,
+# FID 26.9 against 13.9), no learning curves (they change no weight, only cost time), and 2,000
+# samples per score instead of 1,000 (sampling sd of FID 0.29 instead of 0.61). Measured
+# (`--pilot`, README): 5.0-5.6 min of training a run and 72 s a score on a slow day of this
+# VM, so about 3.6 hours for the 33 runs of the eleven models (2.4 on a fast day, when the
+# default run takes 25 min instead of 37.5) and about as long again for the sweep, whose
+# patch_size=2 alone trains 30 min a run.
+# default: meant for a GPU. 14 seeds: what the pilot's spread (FID sd 1.1 at 2,000 samples,
+# quick's) needs for 80% power to find 2 FID after Holm over the study's 19 comparisons, if
+# paired differences spread as two independent runs do (see results.md's pilot section).
 BUDGETS = {
     "quick": Budget(preset="tiny", model=dict(dim=64), steps=2500, batch_size=64, seeds=(0, 1, 2),
                     conv_init="identity", eval_every=0, eval_per_digit=20, final_per_digit=200,
                     sweep=dict(depth=(4, 8), width=(32, 128), patch_size=(2, 7))),
-    "default": Budget(preset="tiny", steps=4000, batch_size=256, seeds=(0, 1, 2, 3, 4, 5),
+    "default": Budget(preset="tiny", steps=4000, batch_size=256, seeds=tuple(range(14)),
                       conv_init="identity", eval_every=1000, eval_per_digit=50, final_per_digit=500,
                       sweep=dict(depth=(4, 8), width=(64, 256), patch_size=(2, 7))),
 }

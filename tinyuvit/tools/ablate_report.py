@@ -8,8 +8,9 @@ results.md: the paper's claims with tinyuvit's paired difference, 95% interval, 
 p-value and verdict; every model against U-ViT; the sampling noise; the pilot's spreads (when the
 pilot ran in the folder); every run's scores; how the recipe differs from the paper's.
 differences.png: the paired mean difference to U-ViT with its 95% interval, one panel for class
-accuracy and one for FID. loss.png, learning.png (when the budget drew learning curves) and
-grids.png: every model's training loss, curves and samples.
+accuracy and one for FID. pilot.png: the pilot's scores, seed by seed and rescored. loss.png,
+learning.png (when the budget drew learning curves) and grids.png: every model's training loss,
+curves and samples.
 """
 import os
 
@@ -20,7 +21,7 @@ from .ablate import (ALPHA, MOST_SEEDS, PILOT_FEWER, SWEEP, TARGET, budget_name,
                      pilot_arm, pilot_spreads, read_entries, sampling_noise, saved_study, study_models, study_size)
 from .files import atomic_write
 
-REPORT = ("results.md", "differences.png", "loss.png", "learning.png", "grids.png")
+REPORT = ("results.md", "differences.png", "pilot.png", "loss.png", "learning.png", "grids.png")
 SMOOTH = 50          # loss.png: running mean over this many steps
 MINUS = "\u2212"
 
@@ -45,6 +46,8 @@ def write_report(out_dir, budget=None, runs=None):
     table = comparisons(budget, entries)
     if table:
         plot_differences(os.path.join(out_dir, "differences.png"), budget, entries, table)
+    if any(e.run.variant == pilot_arm(budget).name for e in done):
+        plot_pilot(os.path.join(out_dir, "pilot.png"), budget, entries)
     plot_loss(os.path.join(out_dir, "loss.png"), budget, done)
     if any(e.evals for e in done):
         plot_learning(os.path.join(out_dir, "learning.png"), budget, done)
@@ -119,7 +122,7 @@ def _claims_section(budget, entries, table):
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         c = r["claim"]
-        knob = next((m.partition("=")[0] for m in (c.a, c.b) if m.partition("=")[0] in SWEEP), None)
+        knob = next((n.partition("=")[0] for n in (c.a, c.b) if n.partition("=")[0] in SWEEP), None)
         lines.append(f"| {c.section} | {c.words} | {_name(c.a, budget, knob)} vs {_name(c.b, budget, knob)} | "
                      f"{_diff(r['fid'])} | {_p(r['fid'])} | {_diff(r['accuracy'], '.1f')} | {_p(r['accuracy'])} | "
                      f"**{r['word']}** ({r['why']}) |")
@@ -400,6 +403,41 @@ def _difference_bar(ax, x, s, color, limits, metric):
     end = max(ends) if up else min(ends)
     ax.annotate(_num(s["mean"], fmt) + star, (x, clip(end)), xytext=(0, 3 if up else -3),
                 textcoords="offset points", ha="center", va="bottom" if up else "top", fontsize=7)
+
+
+def plot_pilot(path, budget, entries):
+    """Two panels, class accuracy and FID: for each start of the final conv and each sample count,
+    every training seed's score (filled) and its rescore with the next sampling seed (hollow,
+    joined to it), with the mean ± sd over the training seeds."""
+    import matplotlib.pyplot as plt
+    from .ablate import by_seed
+    rows = pilot_spreads(budget, entries)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2.2 * len(rows) + 3), 4.6), dpi=110)
+    for ax, metric, title in ((axes[0], "accuracy", "class accuracy (%)"), (axes[1], "fid", "FID")):
+        for x, r in enumerate(rows):
+            first = r[metric]["values"]
+            again = by_seed(entries, r["model"], metric, r["per_digit"], budget.score_seed + 1)
+            for i, (seed, v) in enumerate(sorted(first.items())):
+                color = f"C{i}"
+                ax.scatter([x - 0.1], [v], color=color, s=22, zorder=3, label=f"seed {seed}" if x == 0 else None)
+                if seed in again:
+                    ax.plot([x - 0.1, x + 0.1], [v, again[seed]], color=color, lw=0.8, zorder=2)
+                    ax.scatter([x + 0.1], [again[seed]], facecolor="white", edgecolor=color, s=22, zorder=3)
+            if r[metric]["sd"] is not None:
+                ax.errorbar([x + 0.3], [r[metric]["mean"]], yerr=[r[metric]["sd"]], fmt="_", color="k", ms=10,
+                            capsize=3, label="mean ± sd over the seeds" if x == 0 else None)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([f"conv starts as\n{r['conv_init']}{' (budget)' if r['model'] == 'uvit' else ''}"
+                            f"\nn = {10 * r['per_digit']:,}" for r in rows],
+                           fontsize=8)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"pilot: U-ViT, {budget.describe()}\nfilled: sampling seed {budget.score_seed}; hollow: the "
+                 f"same run rescored with sampling seed {budget.score_seed + 1}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    _save(fig, path)
 
 
 def _smooth(rows, k=SMOOTH):
