@@ -65,6 +65,22 @@ def test_preset_parameter_count(preset, count):
     assert UViT(get_config(preset)).num_params() == count
 
 
+def test_every_layer_draws_from_a_generator_keyed_by_the_seed_and_its_name():
+    """Each Linear's W is N(0, 0.02) drawn first from KeyedRng(seed, its dotted name), so its start
+    depends on nothing else in the model; no two layers draw the same numbers."""
+    from tinyuvit.layers import KeyedRng, Linear
+    model = UViT(get_config("tiny", skip="add_linear", time_cond="adaln"), seed=5)
+    linears = [(name, m) for name, m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 2 + 7 * 6 + 3 and "out_blocks.1.skip_linear" in dict(linears)
+    for name, m in linears:
+        assert np.array_equal(m.params["W"], KeyedRng(5, name).normal(0.0, 0.02, m.params["W"].shape)), name
+    firsts = {float(m.params["W"].flat[0]) for _, m in linears}
+    assert len(firsts) == len(linears)
+    rng = np.random.default_rng(0)          # a plain Generator: layers draw from it in order, as before
+    a, b = Linear(4, 4, rng), Linear(4, 4, rng)
+    assert not np.array_equal(a.params["W"], b.params["W"])
+
+
 def test_output_shape_and_dtype():
     c = cfg(in_chans=3)
     x, t, y = inputs(c, B=3)

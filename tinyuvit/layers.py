@@ -13,7 +13,10 @@ Conventions
 - Every module is called once per forward pass, so `backward` overwrites its gradients.
 - Parameters are drawn on the host in float64 from a NumPy Generator, so the same seed gives
   the same network on every backend; `Module.to(backend)` moves and casts them, and the model
-  remembers its backend (`module.backend`, `.xp`, `.dtype`).
+  remembers its backend (`module.backend`, `.xp`, `.dtype`). A layer made of sublayers hands
+  each its own generator (`sublayer_rng`): under a KeyedRng, which UViT uses, every layer
+  draws from a generator keyed by the seed and its dotted name, so two models that share a
+  layer (same name, same shape) start it from the same weights.
 - Forward code runs on NumPy, CuPy, and autograd.numpy (the gradient checks trace it), so it
   avoids `out=`; in-place `+=`, `*=` on arrays it made itself are fine (autograd rebinds).
   Backward code is never traced and writes in place where that saves a copy.
@@ -24,6 +27,7 @@ Conventions
 """
 import functools
 import math
+import zlib
 
 import numpy as np
 
@@ -39,6 +43,28 @@ def _backend(device, dtype):
 # ========================================================================================
 # Building blocks
 # ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# Initial weights keyed by name: the same seed and layer name, the same start
+# ----------------------------------------------------------------------------------------
+
+class KeyedRng(np.random.Generator):
+    """A NumPy Generator keyed by a seed and a layer's dotted name ('out_blocks.1.skip_linear'):
+    the same seed and name always draw the same numbers, whatever other layers the model has."""
+
+    def __init__(self, seed, name):
+        super().__init__(np.random.PCG64([seed, zlib.crc32(name.encode())]))  # crc32: stable across runs
+        self.seed, self.name = seed, name
+
+    def child(self, name):
+        """The generator of sublayer `name`, keyed by the joined name ('out_blocks.1' + 'attn')."""
+        return KeyedRng(self.seed, f"{self.name}.{name}")
+
+
+def sublayer_rng(rng, name):
+    """What sublayer `name` draws its initial weights from: its own keyed generator under a
+    KeyedRng (UViT), else `rng` itself, drawn in order (any other Generator: the ViT, tests)."""
+    return rng.child(name) if isinstance(rng, KeyedRng) else rng
 
 # ----------------------------------------------------------------------------------------
 # Module: parameters, gradients, names, the backward cache, the backend
@@ -264,7 +290,7 @@ class AdaLN(Module):
     def __init__(self, dim, rng):
         super().__init__()
         self.norm = LayerNorm(dim, affine=False)
-        self.emb = Linear(dim, 2 * dim, rng)                   # e -> [y_s | y_b]
+        self.emb = Linear(dim, 2 * dim, sublayer_rng(rng, "emb"))   # e -> [y_s | y_b]
         self.emb.params["b"][:dim] = 1.0
 
     def forward(self, x, e, *, train=True):  # x [B, L, D], e [B, D] -> [B, L, D]
@@ -379,9 +405,9 @@ class Attention(Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5  # a Python float: keeps float32 arrays float32
-        self.qkv = Linear(dim, 3 * dim, rng, bias=False)
+        self.qkv = Linear(dim, 3 * dim, sublayer_rng(rng, "qkv"), bias=False)
         self.softmax = Softmax()
-        self.proj = Linear(dim, dim, rng)
+        self.proj = Linear(dim, dim, sublayer_rng(rng, "proj"))
 
     # The heads join the batch: qkv's columns are [q | k | v], each [head 0 | head 1 ...], so
     # [B, L, 3D] reads as [B, L, 3, H, hd]; one copy lays it out as [3, B*H, L, hd], and every
@@ -432,9 +458,9 @@ class Attention(Module):
 class MLP(Module):
     def __init__(self, dim, hidden, rng):
         super().__init__()
-        self.fc1 = Linear(dim, hidden, rng)
+        self.fc1 = Linear(dim, hidden, sublayer_rng(rng, "fc1"))
         self.act = GELU()
-        self.fc2 = Linear(hidden, dim, rng)
+        self.fc2 = Linear(hidden, dim, sublayer_rng(rng, "fc2"))
 
     def forward(self, x, *, train=True):  # [B, L, D] -> [B, L, rD] -> [B, L, D]
         return self.fc2(self.act(self.fc1(x, train=train), train=train), train=train)
@@ -464,7 +490,7 @@ class PatchEmbed(Module):
     def __init__(self, patch_size, in_chans, dim, rng):
         super().__init__()
         self.p, self.in_chans = patch_size, in_chans
-        self.proj = Linear(patch_size * patch_size * in_chans, dim, rng)
+        self.proj = Linear(patch_size * patch_size * in_chans, dim, sublayer_rng(rng, "proj"))
 
     def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, N, D]
         return self.proj(patchify(x, self.p), train=train)
@@ -494,9 +520,10 @@ class ConvPatchEmbed(Module):
         if patch_size < 2 or 2 ** k != patch_size:
             raise ValueError(f"a conv patch embedding needs a patch size that is a power of 2, got {patch_size}")
         widths = [in_chans] + [dim // 2 ** (k - i) for i in range(k)]
-        self.convs = [Conv3x3(a, b, rng, stride=2) for a, b in zip(widths, widths[1:])]
+        self.convs = [Conv3x3(a, b, sublayer_rng(rng, f"convs.{i}"), stride=2)
+                      for i, (a, b) in enumerate(zip(widths, widths[1:]))]
         self.acts = [GELU() for _ in self.convs]
-        self.proj = Linear(widths[-1], dim, rng)                 # the 1x1 conv
+        self.proj = Linear(widths[-1], dim, sublayer_rng(rng, "proj"))   # the 1x1 conv
 
     def forward(self, x, *, train=True):  # [B, C, H, W] -> [B, N, D]
         for conv, act in zip(self.convs, self.acts):
@@ -634,11 +661,12 @@ class Block(Module):
             raise ValueError(f"skip must be one of {self.SKIPS}, got {skip!r}")
         self.skip, self.adaln = skip, adaln
         skip_in = {"concat": 2 * dim, "add_linear": dim, "linear_add": dim}.get(skip)
-        self.skip_linear = Linear(skip_in, dim, rng) if skip_in else None
-        self.norm1 = AdaLN(dim, rng) if adaln else LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, rng)
-        self.norm2 = AdaLN(dim, rng) if adaln else LayerNorm(dim)
-        self.mlp = MLP(dim, dim * mlp_ratio, rng)
+        sub = lambda name: sublayer_rng(rng, name)
+        self.skip_linear = Linear(skip_in, dim, sub("skip_linear")) if skip_in else None
+        self.norm1 = AdaLN(dim, sub("norm1")) if adaln else LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, sub("attn"))
+        self.norm2 = AdaLN(dim, sub("norm2")) if adaln else LayerNorm(dim)
+        self.mlp = MLP(dim, dim * mlp_ratio, sub("mlp"))
 
     def forward(self, x, skip=None, e=None, *, train=True):  # [B, L, D] (+ skip [B, L, D], e [B, D]) -> [B, L, D]
         if self.skip == "concat":        # U-ViT's choice: Linear(concat(x, skip)) replaces x

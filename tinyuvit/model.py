@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .backend import xp_of
-from .layers import (Block, Conv3x3, ConvPatchEmbed, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
+from .layers import (Block, Conv3x3, ConvPatchEmbed, KeyedRng, LabelEmbedding, LayerNorm, Linear, Module, PatchEmbed,
                      PosEmbed, SinCosPosEmbed, image_to_tokens, patchify, sincos_2d, timestep_embedding, tokens_to_image,
                      unpatchify)
 
@@ -174,24 +174,27 @@ class UViT(Module):
     def __init__(self, cfg: UViTConfig, seed=0):
         super().__init__()
         self.cfg = cfg
-        rng = np.random.default_rng(seed)
         D, p, C = cfg.dim, cfg.patch_size, cfg.in_chans
+        # Every layer draws from its own generator, keyed by the seed and its attribute name
+        # (layers.KeyedRng): a variant with the same seed starts every layer it shares with
+        # U-ViT (same name, same shape) from U-ViT's weights, whatever it adds or reshapes.
+        rng = lambda name: KeyedRng(seed, name)
         adaln = cfg.time_cond == "adaln"
         self.extras = 1 if adaln else 2     # the label token (and the time token) come before the patches
-        make_block = lambda skip=None: Block(D, cfg.num_heads, cfg.mlp_ratio, rng, skip=skip, adaln=adaln)
-        self.patch_embed = (ConvPatchEmbed if cfg.patch_embed == "conv" else PatchEmbed)(p, C, D, rng)
-        self.label_embed = LabelEmbedding(cfg.num_classes, D, rng)
-        self.pos_embed = {"learned": lambda: PosEmbed(self.extras + cfg.num_patches, D, rng),
+        make_block = lambda name, skip=None: Block(D, cfg.num_heads, cfg.mlp_ratio, rng(name), skip=skip, adaln=adaln)
+        self.patch_embed = (ConvPatchEmbed if cfg.patch_embed == "conv" else PatchEmbed)(p, C, D, rng("patch_embed"))
+        self.label_embed = LabelEmbedding(cfg.num_classes, D, rng("label_embed"))
+        self.pos_embed = {"learned": lambda: PosEmbed(self.extras + cfg.num_patches, D, rng("pos_embed")),
                           "sincos2d": lambda: SinCosPosEmbed(self.extras, cfg.img_size // p, D),
                           "none": lambda: None}[cfg.pos_embed]()
-        self.in_blocks = [make_block() for _ in range(cfg.depth // 2)]
-        self.mid_block = make_block()
+        self.in_blocks = [make_block(f"in_blocks.{i}") for i in range(cfg.depth // 2)]
+        self.mid_block = make_block("mid_block")
         out_skip = None if cfg.skip == "none" else cfg.skip
-        self.out_blocks = [make_block(out_skip) for _ in range(cfg.depth // 2)]
+        self.out_blocks = [make_block(f"out_blocks.{i}", out_skip) for i in range(cfg.depth // 2)]
         self.norm = LayerNorm(D)
-        self.conv_before = Conv3x3(D, D, rng) if cfg.conv == "before" else None
-        self.decoder_pred = Linear(D, p * p * C, rng)
-        self.final_layer = Conv3x3(C, C, rng) if cfg.conv == "after" else None
+        self.conv_before = Conv3x3(D, D, rng("conv_before")) if cfg.conv == "before" else None
+        self.decoder_pred = Linear(D, p * p * C, rng("decoder_pred"))
+        self.final_layer = Conv3x3(C, C, rng("final_layer")) if cfg.conv == "after" else None
         self._init_choices()
 
     def _init_choices(self):

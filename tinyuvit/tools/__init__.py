@@ -9,5 +9,5 @@
     parallel     splitting a batch over CPU threads
     vit, metrics, evaluate   the ViT classifier, FID and pixel measures, `tinyuvit evaluate`
     bench, torch_uvit        timing against a PyTorch U-ViT with the same weights
-    ablate       the paper's ablation study
+    ablate, ablate_report    the paper's design study (runs, statistics) and its report
 """

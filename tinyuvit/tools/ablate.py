@@ -1,31 +1,39 @@
-"""The paper's ablation study on MNIST: U-ViT against each of its one-change variants.
+"""The paper's design study on MNIST: U-ViT against each one-change variant, and its scaling sweep.
 
-Bao et al. (CVPR 2023, section 3) compare five design choices of U-ViT: the long skip, how time
-enters, where the 3x3 conv sits, the patch embedding and the position embedding. Here every
-variant of model.ablations() trains with the same budget, seed, data order and recipe, and is
-scored the same way; U-ViT itself trains with several seeds, so that its seed spread shows which
-differences are larger than noise.
+Bao et al. (CVPR 2023) compare, in section 3.1, five design choices of U-ViT (the long skip,
+how time enters, where the 3x3 conv sits, the patch embedding, the positions) and, in
+section 3.2, its depth, width and patch size. Here every model trains with each of the budget's
+seeds. A seed fixes the data order, the noise and the start of every layer by its name
+(model.UViT, layers.KeyedRng), so a variant with seed s starts from U-ViT seed s's weights
+wherever the two share a layer. Each variant is then compared with U-ViT seed by seed (paired):
+the mean difference over the seeds, its 95% t-interval, and a p-value corrected by Holm's method
+over all the comparisons of the study. A claim of the paper is *agreed* or *disagreed* with only
+when its comparison survives that correction; otherwise it is *unresolved at this budget*, with
+the seeds that would resolve it. U-ViT's runs are scored a second time with another sampling
+seed, which measures how much of the seed spread is sampling noise.
 
     from tinyuvit.tools.ablate import run_study
     run_study("runs/ablate-quick", "quick", only="skip,time")
-    tinyuvit ablate --quick --only skip,time                    (the same, from the shell)
+    tinyuvit ablate --quick --only skip,time          (the same, from the shell)
+    tinyuvit ablate --quick --pilot                   U-ViT's seeds with and without the variance levers
 
 A study folder holds:
-    study.json      the budget and the runs asked for (another budget in the same folder is refused)
-    results.md      the table: parameters, class accuracy, FID, FID floor, training time
-    scores.png      class accuracy and FID per variant, grouped by choice, against U-ViT's seeds
-    loss.png        smoothed training loss, one panel per choice
-    learning.png    class accuracy and FID during training, one panel per choice
-    grids.png       every run's final 10x10 sample grid, labelled
-    uvit/, uvit-seed1/, skip-add/, ...   one train-mnist run folder per run, plus its result.json
+    study.json        the budget and the runs asked for (another budget in the same folder is refused)
+    results.md        the paper's claims with tinyuvit's verdicts, every model's paired difference
+                      to U-ViT, the sampling noise, the pilot's spreads (if run), every run's scores
+    differences.png   the paired mean difference to U-ViT with its 95% interval, accuracy and FID
+    pilot.png         the pilot's scores: every seed, each rescored with a second sampling seed
+    loss.png, learning.png, grids.png    loss curves, learning curves (if any), sample grids
+    uvit/, uvit-seed1/, skip-add/, skip-add-seed1/, ...   one train-mnist run folder per run
 
-Everything in the folder but the run folders is redrawn after every finished run, so a study
-cut short already shows what it has. Running the same study again resumes it: finished runs are
-kept, a half-trained run continues from its checkpoint, a trained but unscored one is scored.
+The report (tools/ablate_report.py) is redrawn after every finished run, so a study cut short
+already shows what it has. Running the same study again resumes it: finished runs are kept, a
+half-trained run continues from its checkpoint, a trained but unscored one is scored.
 """
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -39,7 +47,7 @@ from ..sampling import SampleConfig
 from ..errors import ConfigError, DivergedError
 from .evaluate import check_count
 from .files import RunLock, atomic_write
-from ..model import CHOICES, UViT, ablations, get_config
+from ..model import CHOICES, INITS, UViT, ablations, get_config
 from ..config import TrainConfig, from_saved
 from ..train import train
 from .runfolder import StopSignals, read_jsonl
@@ -47,6 +55,9 @@ from .runfolder import StopSignals, read_jsonl
 # ----------------------------------------------------------------------------------------
 # Budgets: how much every run of a study gets
 # ----------------------------------------------------------------------------------------
+
+# The paper's Sec. 3.2 sweep: each knob and the UViTConfig field it sets.
+SWEEP = {"depth": "depth", "width": "dim", "patch_size": "patch_size"}
 
 
 @dataclass(frozen=True)
@@ -57,23 +68,29 @@ class Budget:
     model: dict = dataclasses.field(default_factory=dict)   # overrides of the preset: the base model
     steps: int = 4000
     batch_size: int = 256
-    seeds: tuple = (0, 1, 2)        # U-ViT's runs; every variant trains with seeds[0]
-    eval_every: int = 1000          # learning curves: class accuracy and FID every N steps (0 = none)
+    seeds: tuple = (0, 1, 2)        # every model trains with each; the comparisons pair them
+    conv_init: str = "uniform"      # the final conv's start (model.INITS), where the model has it
+    eval_every: int = 0             # learning curves: class accuracy and FID every N steps (0 = none)
     eval_per_digit: int = 50        # ... from this many samples per digit
     final_per_digit: int = 500      # the final score: samples per digit (10x that in all)
     score_seed: int = 0             # the final score's sampling noise, the same for every run
     sampler: str = SampleConfig.sampler
     sample_steps: int = SampleConfig.steps
     guidance: float = 1.0           # U-ViT's sampling, whatever SampleConfig's default: studies stay comparable
+    sweep: dict = dataclasses.field(default_factory=dict)   # {knob: (smaller, larger)} around the base model
 
     def train_config(self, seed=0, overrides=None):
-        """The TrainConfig of one run: this budget, the seed, the variant's model overrides."""
+        """The TrainConfig of one run: this budget, the seed, the model's overrides. The final
+        conv starts as `conv_init` where the model has one (conv "after"), else as U-ViT's; an
+        override "conv_init" (the pilot's other arm) replaces it."""
+        model = {**self.model, **(overrides or {})}
+        conv_init = model.pop("conv_init", self.conv_init if model.get("conv", "after") == "after" else "uniform")
         return TrainConfig(preset=self.preset, steps=self.steps, batch_size=self.batch_size, seed=seed,
-                           pos_init="normal", conv_init="uniform",      # U-ViT's own init and schedule,
-                           noise_schedule="linear",                     # as the paper's study,
+                           pos_init="normal", conv_init=conv_init,      # U-ViT's own init (but the conv's),
+                           noise_schedule="linear",                     # its schedule, as the paper's study,
                            snr_gamma=5.0, clip_loss="none",             # the loss it first ran with
                            weak_at=0.0,                                 # and its sampling: no autoguidance
-                           model_overrides={**self.model, **(overrides or {})}, sample_every=0,
+                           model_overrides=model, sample_every=0,
                            eval_every=self.eval_every, eval_per_digit=self.eval_per_digit,
                            sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance)
 
@@ -82,6 +99,10 @@ class Budget:
         SampleConfig's default interval, final sigma and ink percentile: studies stay comparable."""
         return SampleConfig(sampler=self.sampler, steps=self.sample_steps, guidance=self.guidance,
                             guidance_interval=(0.0, float("inf")), final_sigma=0.0, ink_percentile=0.0)
+
+    def base_model(self):
+        """The base model's UViTConfig (U-ViT under this budget)."""
+        return get_config(self.preset, **self.model)
 
     def validate(self):
         """ConfigError naming the first invalid field."""
@@ -92,15 +113,41 @@ class Budget:
             check_count("budget seed", s, 0)
         check_count("budget final_per_digit", self.final_per_digit, 2)
         check_count("budget score_seed", self.score_seed, 0)
+        if self.conv_init not in INITS["conv_init"]:
+            raise ConfigError(f"budget conv_init must be one of {INITS['conv_init']}, got {self.conv_init!r}")
         try:
             self.train_config(seeds[0]).validate()
+            self._check_sweep()
         except ValueError as e:       # model config fields: ValueError from UViTConfig
             raise ConfigError(f"budget: {e}") from None
         return self
 
+    def _check_sweep(self):
+        """ValueError unless every sweep knob has (smaller, larger) values around the base model
+        that build (UViTConfig's checks)."""
+        base = self.base_model()
+        for knob, values in self.sweep.items():
+            if knob not in SWEEP:
+                raise ValueError(f"sweep knobs are {', '.join(SWEEP)}, got {knob!r}")
+            here = getattr(base, SWEEP[knob])
+            if len(values) != 2 or not values[0] < here < values[1]:
+                raise ValueError(f"sweep {knob} must be (smaller, larger) around the base model's {here}, "
+                                 f"got {tuple(values)}")
+            for v in values:
+                get_config(self.preset, **{**self.model, SWEEP[knob]: v})
+
     def to_dict(self):
         """The budget as JSON would hold it (study.json)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d):
+        """The Budget that to_dict wrote (lists back to tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["seeds"] = tuple(d.get("seeds", ()))
+        d["sweep"] = {k: tuple(v) for k, v in d.get("sweep", {}).items()}
+        return cls(**d)
 
     def describe(self):
         """ "tiny (dim=64), 2,500 steps of 64 images" for messages and the results' header."""
@@ -108,13 +155,25 @@ class Budget:
         return f"{self.preset}{f' ({model})' if model else ''}, {self.steps:,} steps of {self.batch_size} images"
 
 
-# Every number of a study in one table. quick: a 2-core CPU, about 4.7 min a run and an hour for
-# the 13 runs when the machine is otherwise idle (measured); default: meant for a GPU.
+# Every number of a study in one table.
+# quick: a 2-core CPU. The levers that lower the seed spread without changing the network: the
+# final conv starts as the identity (a random start left all three pilot runs on a loss plateau,
+# FID 26.9 against 13.9), no learning curves (they change no weight, only cost time), and 2,000
+# samples per score instead of 1,000 (sampling sd of FID 0.29 instead of 0.61). Measured
+# (`--pilot`, README): 5.0-5.6 min of training a run and 72 s a score on a slow day of this
+# VM, so about 3.6 hours for the 33 runs of the eleven models (2.4 on a fast day, when the
+# default run takes 25 min instead of 37.5) and about as long again for the sweep, whose
+# patch_size=2 alone trains 30 min a run.
+# default: meant for a GPU. 14 seeds: what the pilot's spread (FID sd 1.1 at 2,000 samples,
+# quick's) needs for 80% power to find 2 FID after Holm over the study's 19 comparisons, if
+# paired differences spread as two independent runs do (see results.md's pilot section).
 BUDGETS = {
     "quick": Budget(preset="tiny", model=dict(dim=64), steps=2500, batch_size=64, seeds=(0, 1, 2),
-                    eval_every=625, eval_per_digit=20, final_per_digit=100),
-    "default": Budget(preset="tiny", steps=4000, batch_size=256, seeds=(0, 1, 2),
-                      eval_every=1000, eval_per_digit=50, final_per_digit=500),
+                    conv_init="identity", eval_every=0, eval_per_digit=20, final_per_digit=200,
+                    sweep=dict(depth=(4, 8), width=(32, 128), patch_size=(2, 7))),
+    "default": Budget(preset="tiny", steps=4000, batch_size=256, seeds=tuple(range(14)),
+                      conv_init="identity", eval_every=1000, eval_per_digit=50, final_per_digit=500,
+                      sweep=dict(depth=(4, 8), width=(64, 256), patch_size=(2, 7))),
 }
 
 
@@ -134,65 +193,108 @@ def budget_name(budget):
 
 
 # ----------------------------------------------------------------------------------------
-# The runs of a study
+# The models and runs of a study
 # ----------------------------------------------------------------------------------------
 
-# Short names that --only accepts for the choices (as in `--only skip,time`).
+# Short names that --only accepts (as in `--only skip,time`).
 ALIASES = {"time": "time_cond", "patch": "patch_embed", "pos": "pos_embed"}
+GROUPS = {"ablations": tuple(CHOICES), "sweep": tuple(SWEEP)}    # --only ablations, --only sweep
+
+# The pilot scores every run at the budget's sample count and at this one (the first quick budget's).
+PILOT_FEWER = 100
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of a study: U-ViT, a one-change variant (Sec. 3.1) or a sweep entry (Sec. 3.2)."""
+    name: str               # "uvit", "skip=add", "depth=8", ...
+    choice: str = None      # the choice or sweep knob it changes (None for U-ViT)
+    value: object = None
+    overrides: tuple = ()   # the model overrides as (field, value) pairs
+
+
+def study_models(budget):
+    """U-ViT, then every variant of model.ablations(), then the budget's sweep entries."""
+    out = [Model(name, choice, overrides.get(choice), tuple(overrides.items()))
+           for name, choice, overrides in ablations()]
+    for knob, values in budget.sweep.items():
+        out += [Model(f"{knob}={v}", knob, v, ((SWEEP[knob], v),)) for v in values]
+    return out
+
+
+def pilot_arm(budget):
+    """The pilot's other arm: U-ViT with the other start of the final conv."""
+    other = next(v for v in INITS["conv_init"] if v != budget.conv_init)
+    return Model(f"conv_init={other}", "conv_init", other, (("conv_init", other),))
 
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One run of a study: U-ViT or one of its variants, with one seed, in its own folder."""
-    variant: str            # "uvit", "skip=add", ...
-    choice: str = None      # the choice it changes (None for U-ViT)
-    value: str = None
+    """One run of a study: one model with one seed, in its own folder, and the scores it needs
+    as (samples per digit, sampling seed) pairs, the study's own score first."""
+    model: Model
     seed: int = 0
-    overrides: tuple = ()   # the model overrides as (field, value) pairs
+    scores: tuple = ()
+
+    @property
+    def variant(self):
+        return self.model.name
 
     @property
     def folder(self):
-        """A file-system safe folder name: uvit, uvit-seed1, skip-add, time_cond-adaln."""
-        name = self.variant + (f"-seed{self.seed}" if self.variant == "uvit" and self.seed else "")
+        """A file-system safe folder name: uvit, uvit-seed1, skip-add, skip-add-seed2."""
+        name = self.model.name + (f"-seed{self.seed}" if self.seed else "")
         return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
     @property
     def label(self):
-        """How tables and figures name it: "U-ViT (seed 1)", "skip=add"."""
-        return f"U-ViT (seed {self.seed})" if self.variant == "uvit" else self.variant
+        """How logs and tables name it: "U-ViT (seed 1)", "skip=add (seed 0)"."""
+        return f"{'U-ViT' if self.variant == 'uvit' else self.variant} (seed {self.seed})"
 
 
-def plan_runs(budget, only=None):
-    """The runs of a study, in order: U-ViT with each of the budget's seeds, then the variants
-    (those that `only` picks, or all) with the first seed."""
-    picked = parse_only(only)
-    runs = [StudyRun("uvit", seed=s) for s in budget.seeds]
-    for name, choice, overrides in ablations()[1:]:
-        if picked is None or name in picked:
-            runs.append(StudyRun(name, choice, overrides[choice], budget.seeds[0], tuple(overrides.items())))
+def plan_runs(budget, only=None, pilot=False):
+    """The runs of a study, model by model (all seeds of a model together, U-ViT's first), so a
+    study cut short has whole models. U-ViT is scored twice (the second time with the next
+    sampling seed: the sampling noise). `pilot`: U-ViT's seeds with and without the levers."""
+    main = (budget.final_per_digit, budget.score_seed)
+    if pilot:
+        if only is not None:
+            raise ConfigError("--pilot runs U-ViT's seeds only; leave out --only")
+        fewer = min(PILOT_FEWER, budget.final_per_digit)
+        scores = tuple(dict.fromkeys([main, (main[0], main[1] + 1), (fewer, main[1]), (fewer, main[1] + 1)]))
+        return [StudyRun(m, s, scores) for m in (study_models(budget)[0], pilot_arm(budget)) for s in budget.seeds]
+    picked = parse_only(only, budget)
+    runs = []
+    for m in study_models(budget):
+        if m.name == "uvit" or picked is None or m.name in picked:
+            scores = (main, (main[0], main[1] + 1)) if m.name == "uvit" else (main,)
+            runs += [StudyRun(m, s, scores) for s in budget.seeds]
     return runs
 
 
-def parse_only(only):
-    """The variant names that `only` (a comma list of choices, their short aliases, and variant
-    names) picks, or None for all. ConfigError for a name that is none of these."""
+def parse_only(only, budget=None):
+    """The model names that `only` (a comma list of choices, sweep knobs, their aliases, the
+    groups "ablations" and "sweep", and model names) picks, or None for all. ConfigError for a
+    name that is none of these."""
     if only is None:
         return None
-    variants = {name: choice for name, choice, _ in ablations()[1:]}
+    budget = get_budget("quick") if budget is None else budget
+    models = {m.name: m.choice for m in study_models(budget)[1:]}
     words = [w.strip() for w in str(only).split(",") if w.strip()]
     if not words:
         raise ConfigError(f"--only names no choice or variant: {only!r}")
     picked = set()
     for word in words:
-        choice = ALIASES.get(word, word)
-        if choice in CHOICES:
-            picked |= {name for name, c in variants.items() if c == choice}
-        elif word in variants:
+        choices = GROUPS.get(word, (ALIASES.get(word, word),))
+        if all(c in CHOICES or c in budget.sweep for c in choices):
+            picked |= {name for name, c in models.items() if c in choices}
+        elif word in models:
             picked.add(word)
         elif word != "uvit":
             aliases = ", ".join(f"{a} ({c})" for a, c in ALIASES.items())
             raise ConfigError(f"--only: unknown name {word!r}; choose from the choices {', '.join(CHOICES)} "
-                              f"(short: {aliases}) or the variants {', '.join(variants)}")
+                              f"(short: {aliases}), the sweep {', '.join(budget.sweep) or '(none)'}, the groups "
+                              f"{', '.join(GROUPS)}, or the models {', '.join(models)}")
     return picked
 
 
@@ -211,44 +313,46 @@ def count_params(preset, overrides, value=None):
 
 
 def list_variants(budget="quick"):
-    """[dict(name, choice, value, params, params_tiny)] for U-ViT and every variant: parameters in
-    the budget's base model and in the tiny preset (None: not built in the network yet)."""
+    """[dict(name, choice, value, params, params_tiny)] for U-ViT, every variant and the sweep:
+    parameters in the budget's base model and in the tiny preset (None: not built yet)."""
     budget = get_budget(budget)
     rows = []
-    for name, choice, overrides in ablations():
-        value = overrides.get(choice)
-        rows.append(dict(name=name, choice=choice, value=value,
-                         params=count_params(budget.preset, {**budget.model, **overrides}, value),
-                         params_tiny=count_params("tiny", overrides, value)))
+    for m in study_models(budget):
+        overrides = dict(m.overrides)
+        rows.append(dict(name=m.name, choice=m.choice, value=m.value,
+                         params=count_params(budget.preset, {**budget.model, **overrides}, m.value),
+                         params_tiny=count_params("tiny", overrides, m.value)))
     return rows
 
 
 def _check_built(budget, runs):
     """ConfigError before any training if a variant asked for is not built in the network yet."""
-    missing = [r.variant for r in runs if r.value is not None and
-               count_params(budget.preset, {**budget.model, **dict(r.overrides)}, r.value) is None]
+    missing = sorted({r.variant for r in runs if r.model.value is not None and r.model.choice in CHOICES and
+                      count_params(budget.preset, {**budget.model, **dict(r.model.overrides)}, r.model.value) is None})
     if missing:
         raise ConfigError(f"not built in the network yet: {', '.join(missing)}; leave them out with --only "
                           "(see `tinyuvit ablate --list`)")
 
 
 # ----------------------------------------------------------------------------------------
-# The study: train each run, score it, redraw the results
+# The study: train each run, score it, redraw the report
 # ----------------------------------------------------------------------------------------
 
-def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, log=print, progress=True,
-              images=None, labels=None):
+def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", data_dir=None, log=print,
+              progress=True, images=None, labels=None):
     """Train and score every run of the study in `out_dir` (see the module's docstring); returns
     dict(stopped, results, files). `budget`: a name in BUDGETS or a Budget. `only`: a comma list
-    of choices and variants (U-ViT's runs are always in). `images`/`labels`: as train()'s.
+    of choices, sweep knobs and models (U-ViT's runs are always in). `pilot`: U-ViT's seeds with
+    and without the variance levers instead. `images`/`labels`: as train()'s.
 
-    Rerunning the same study resumes it. A variant whose training diverges is recorded as
-    diverged and the study goes on. SIGINT, SIGTERM or SIGHUP stop the study (a run in training
-    saves first) and the result has `stopped` set to the signal's name.
+    Rerunning the same study resumes it. A run whose training diverges is recorded as diverged
+    and the study goes on. SIGINT, SIGTERM or SIGHUP stop the study (a run in training saves
+    first) and the result has `stopped` set to the signal's name.
     """
     from ..backend import Backend
+    from .ablate_report import report_files, write_report
     budget = get_budget(budget)
-    runs = plan_runs(budget, only)
+    runs = plan_runs(budget, only, pilot)
     _check_built(budget, runs)
     Backend(device)                       # no usable GPU: say so before anything is written
     out_dir = os.fspath(out_dir)
@@ -257,15 +361,17 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     with RunLock(out_dir), _stop_at_once():
-        everything, run = None, None
+        everything, run = [], None
         try:
             everything = _open_study(out_dir, budget, runs)
+            asked = {r.folder for r in runs}
+            todo = [r for r in everything if r.folder in asked]       # with the scores earlier runs asked for
             score = _Scorer(budget, device, data_dir, progress)
             name = budget_name(budget)
-            log(f"ablation study{f' ({name} budget)' if name else ''}: {len(runs)} runs of {budget.describe()} "
-                f"on {device} -> {out_dir}")
-            for i, run in enumerate(runs, 1):
-                where = f"[{i}/{len(runs)}] {run.label if run.variant == 'uvit' else run.variant}"
+            log(f"ablation {'pilot' if pilot else 'study'}{f' ({name} budget)' if name else ''}: {len(todo)} runs "
+                f"of {budget.describe()} on {device} -> {out_dir}")
+            for i, run in enumerate(todo, 1):
+                where = f"[{i}/{len(todo)}] {run.label}"
                 if _run_one(run, budget, os.path.join(out_dir, run.folder), where, score, device=device,
                             data_dir=data_dir, log=log, progress=progress, images=images, labels=labels):
                     write_report(out_dir, budget, everything)
@@ -275,15 +381,15 @@ def run_study(out_dir, budget="quick", only=None, device="cpu", data_dir=None, l
             during = f" during {run.label}" if run else ""
             log(f"the study stopped ({stop.name}){during}; finished runs are kept. To resume, run the same "
                 "command again")
-            return dict(stopped=stop.name, results=_results(out_dir, everything or []),
-                        files=report_files(out_dir))
-    log(f"done: {len(runs)} runs in {out_dir} ({(time.perf_counter() - t0) / 60:.1f} min this time)")
+            return dict(stopped=stop.name, results=_results(out_dir, everything), files=report_files(out_dir))
+    log(f"done: {len(todo)} runs in {out_dir} ({(time.perf_counter() - t0) / 60:.1f} min this time)")
     return dict(stopped=None, results=_results(out_dir, everything), files=report_files(out_dir))
 
 
 def _open_study(out_dir, budget, runs):
     """Check that the study in `out_dir` (if any) has the same budget, then record the budget and
-    every run asked for so far (study.json); -> those runs, in study order."""
+    every run asked for so far, each with every score asked for it (study.json); -> those runs,
+    in study order (the whole study's, then the pilot's other arm)."""
     path = os.path.join(out_dir, "study.json")
     saved = _read_json(path)
     asked, recipe = budget.to_dict(), _recipe(budget)
@@ -292,13 +398,34 @@ def _open_study(out_dir, budget, runs):
         if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
             _check_same(out_dir, from_saved(saved["recipe"]), recipe,
                         hint=" (training defaults that changed since)")
-    before = {r["folder"] for r in (saved or {}).get("runs", [])}
-    wanted = {r.folder for r in runs} | before
-    everything = [r for r in plan_runs(budget) if r.folder in wanted]
+    scores = {r["folder"]: [tuple(s) for s in r.get("scores", [])] for r in (saved or {}).get("runs", [])}
+    for r in runs:
+        scores[r.folder] = list(dict.fromkeys(scores.get(r.folder, []) + list(r.scores)))
+    everything = [dataclasses.replace(r, scores=tuple(scores[r.folder])) for r in all_runs(budget)
+                  if r.folder in scores]
     study = dict(budget=asked, budget_name=budget_name(budget), recipe=recipe,
-                 runs=[dict(variant=r.variant, seed=r.seed, folder=r.folder) for r in everything])
+                 runs=[dict(variant=r.variant, seed=r.seed, folder=r.folder, scores=r.scores) for r in everything])
     atomic_write(path, lambda f: f.write(json.dumps(study, indent=2).encode()))
     return everything
+
+
+def all_runs(budget):
+    """Every run a study with `budget` can hold, in study order: the study's, then the pilot's
+    other arm (its scores: the study's defaults; study.json records those asked for)."""
+    study = plan_runs(budget)
+    folders = {r.folder for r in study}
+    return study + [r for r in plan_runs(budget, pilot=True) if r.folder not in folders]
+
+
+def saved_study(out_dir):
+    """(budget, runs) of the study that `out_dir/study.json` records."""
+    study = _read_json(os.path.join(out_dir, "study.json"))
+    if study is None:
+        raise ConfigError(f"{out_dir} holds no study (no study.json)")
+    budget = Budget.from_dict(study["budget"])
+    scores = {r["folder"]: tuple(tuple(s) for s in r.get("scores", [])) for r in study["runs"]}
+    return budget, [dataclasses.replace(r, scores=scores[r.folder] or r.scores) for r in all_runs(budget)
+                    if r.folder in scores]
 
 
 def _check_same(out_dir, old, asked, hint=None):
@@ -322,45 +449,74 @@ def _recipe(budget):
 
 
 def _run_one(run, budget, folder, where, score, log, **train_args):
-    """Train (or resume) one run, then score it into result.json; a finished run is skipped.
-    -> whether there is a new result."""
+    """Train (or resume) one run, then score it into result.json, each score it still lacks;
+    a run with every score is skipped. -> whether there is a new result."""
     result_path = os.path.join(folder, "result.json")
-    if os.path.exists(result_path):
-        log(f"{where}: finished earlier ({_read_json(result_path).get('status')}), kept")
+    result = _read_json(result_path)
+    if result is not None and (result.get("status") != "ok" or not _missing_scores(run, result)):
+        log(f"{where}: finished earlier ({result.get('status')}), kept")
         return False
-    ckpt, grid = os.path.join(folder, "checkpoint.npz"), os.path.join(folder, "samples.png")
-    step = checkpoint_step(ckpt) if os.path.exists(ckpt) else None
-    if step is None or step < budget.steps or not os.path.exists(grid):
-        log(f"{where}: training {budget.steps:,} steps" if step is None else
-            f"{where}: resuming at step {step:,} of {budget.steps:,}")
-        # train's "Continue with --resume" is train-mnist's advice; a study resumes by itself
-        quiet_resume = lambda m: log(m.replace(". Continue with --resume", ""))
-        try:
-            out = train(budget.train_config(run.seed, dict(run.overrides)), folder, resume=os.path.exists(ckpt),
-                        log=quiet_resume, **train_args)
-        except DivergedError as e:
-            log(f"{where}: diverged: {e}; recorded as diverged, the study goes on (delete {folder} to retry it)")
-            params = count_params(budget.preset, {**budget.model, **dict(run.overrides)}, run.value)
-            _write_result(result_path, _result(run, folder, status="diverged", message=str(e), params=params))
-            return True
-        if out["stopped"]:
-            raise _Stopped(out["stopped"])
-    log(f"{where}: scoring {10 * budget.final_per_digit:,} samples")
-    res = _result(run, folder, status="ok", **score(folder))
-    _write_result(result_path, res)
-    log(f"{where}: class accuracy {100 * res['class_accuracy']:.1f}%, FID {res['fid']:.2f} "
-        f"(floor at n = {res['n']:,}: {res['fid_floor_same_n']:.2f})")
+    if result is None:
+        if not _train(run, budget, folder, where, log, **train_args):
+            return True                                           # diverged, recorded
+    for per_digit, seed in _missing_scores(run, result or {}):
+        log(f"{where}: scoring {10 * per_digit:,} samples (sampling seed {seed})")
+        s = score(folder, per_digit, seed)
+        if result is None:                                        # the first score is the study's own
+            result = _result(run, folder, status="ok", **s)
+        result["scores"].append(dict(per_digit=per_digit, seed=seed, **{k: s[k] for k in SCORE_KEYS}))
+        _write_result(result_path, result)
+        log(f"{where}: class accuracy {100 * s['class_accuracy']:.1f}%, FID {s['fid']:.2f} "
+            f"(floor at n = {s['n']:,}: {s['fid_floor_same_n']:.2f})")
     return True
 
 
-def _result(run, folder, status, message=None, params=None, **scores):
-    """result.json of a run: what it is, its scores (None when diverged), its training time."""
+SCORE_KEYS = ("n", "class_accuracy", "fid", "fid_floor_same_n", "score_seconds")   # kept of every score
+
+
+def _missing_scores(run, result):
+    """The (per_digit, sampling seed) scores that `run` asks for and result.json lacks."""
+    have = {(s["per_digit"], s["seed"]) for s in result.get("scores", [])}
+    return [s for s in run.scores if tuple(s) not in have]
+
+
+def _train(run, budget, folder, where, log, **train_args):
+    """Train or resume the run to the budget's steps (a trained one is left alone); -> False if
+    it diverged (recorded in result.json). A signal raises _Stopped after train() saved."""
+    ckpt, grid = os.path.join(folder, "checkpoint.npz"), os.path.join(folder, "samples.png")
+    step = checkpoint_step(ckpt) if os.path.exists(ckpt) else None
+    if step is not None and step >= budget.steps and os.path.exists(grid):
+        return True
+    log(f"{where}: training {budget.steps:,} steps" if step is None else
+        f"{where}: resuming at step {step:,} of {budget.steps:,}")
+    # train's "Continue with --resume" is train-mnist's advice; a study resumes by itself
+    quiet_resume = lambda m: log(m.replace(". Continue with --resume", ""))
+    try:
+        out = train(budget.train_config(run.seed, dict(run.model.overrides)), folder, resume=os.path.exists(ckpt),
+                    log=quiet_resume, **train_args)
+    except DivergedError as e:
+        log(f"{where}: diverged: {e}; recorded as diverged, the study goes on (delete {folder} to retry it)")
+        m = run.model
+        params = count_params(budget.preset, {**budget.model, **dict(m.overrides)}, m.value)
+        _write_result(os.path.join(folder, "result.json"),
+                      _result(run, folder, status="diverged", message=str(e), params=params))
+        return False
+    if out["stopped"]:
+        raise _Stopped(out["stopped"])
+    return True
+
+
+def _result(run, folder, status, message=None, params=None, **score):
+    """result.json of a run: what it is, the study's own score (None when diverged), its
+    training time, and `scores`: every score taken (the study's first)."""
     rows = read_jsonl(os.path.join(folder, "metrics.jsonl"))
-    res = dict(variant=run.variant, choice=run.choice, value=run.value, seed=run.seed, folder=run.folder,
+    m = run.model
+    res = dict(variant=m.name, choice=m.choice, value=m.value, seed=run.seed, folder=run.folder,
                status=status, message=message, params=params, class_accuracy=None, fid=None, fid_floor=None,
                fid_floor_same_n=None, n=None, steps=rows[-1]["step"] if rows else 0,
                train_seconds=round(train_seconds(rows), 1))
-    res.update(scores)
+    res.update(score)
+    res["scores"] = []
     return res
 
 
@@ -381,31 +537,30 @@ def train_seconds(rows):
 
 
 class _Scorer:
-    """The final score of a run's EMA weights: `final_per_digit` samples of each digit with fixed
-    noise, class accuracy and FID. The classifier is loaded once for the whole study (the
-    reference statistics are cached on disk by tinyuvit.tools.metrics)."""
+    """A score of a run's EMA weights: `per_digit` samples of each digit with the noise of
+    sampling seed `seed`, class accuracy and FID. The classifier is loaded once for the whole
+    study (the reference statistics are cached on disk by tinyuvit.tools.metrics)."""
 
     def __init__(self, budget, device, data_dir, progress=True):
         self.budget, self.device, self.data_dir, self.progress = budget, device, data_dir, progress
         self.classifier = None
 
-    def __call__(self, folder):
+    def __call__(self, folder, per_digit, seed):
         from ..api import load
         from ..backend import Backend
         from .metrics import load_classifier
         from .progress import Progress
-        b = self.budget
         if self.classifier is None:
             self.classifier = load_classifier(backend=Backend(self.device, "float32"))
         run = load(folder, self.device)
         t0 = time.perf_counter()
-        with Progress(10 * b.final_per_digit, "scoring", unit="img", disable=not self.progress) as bar:
-            res = run.evaluate(b.final_per_digit, b.sample_config(), seed=b.score_seed, classifier=self.classifier,
+        with Progress(10 * per_digit, "scoring", unit="img", disable=not self.progress) as bar:
+            res = run.evaluate(per_digit, self.budget.sample_config(), seed=seed, classifier=self.classifier,
                                data_dir=self.data_dir, progress=bar)
         return dict(params=run.model.num_params(), class_accuracy=res["class_accuracy"],
-                    per_digit_accuracy=res["per_digit_accuracy"], fid=res["fid"], fid_floor=res["fid_floor"],
-                    fid_floor_same_n=res["fid_floor_same_n"], n=res["n"], sampler=res["sampler"],
-                    sample_steps=res["steps"], guidance=res["guidance"],
+                    per_digit_accuracy=res["per_digit_accuracy"],
+                    fid=res["fid"], fid_floor=res["fid_floor"], fid_floor_same_n=res["fid_floor_same_n"],
+                    n=res["n"], sampler=res["sampler"], sample_steps=res["steps"], guidance=res["guidance"],
                     score_seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -455,42 +610,12 @@ def _results(out_dir, runs):
 
 
 # ----------------------------------------------------------------------------------------
-# The report: results.md and the figures, from the run folders
+# Reading a study back: each run's scores
 # ----------------------------------------------------------------------------------------
 
-REPORT = ("results.md", "scores.png", "loss.png", "learning.png", "grids.png")
-SMOOTH = 50          # loss.png: running mean over this many steps
-SEED_GREYS = ("0.55", "0.7", "0.8", "0.85")   # U-ViT's seeds after the first
-
-
-def report_files(out_dir):
-    return [os.path.join(out_dir, name) for name in REPORT if os.path.exists(os.path.join(out_dir, name))]
-
-
-def write_report(out_dir, budget=None, runs=None):
-    """(Re)write results.md, scores.png, loss.png, learning.png and grids.png from the run
-    folders of the study in `out_dir` (default: the budget and runs that study.json records)."""
-    if budget is None or runs is None:
-        study = _read_json(os.path.join(out_dir, "study.json"))
-        if study is None:
-            raise ConfigError(f"{out_dir} holds no study (no study.json)")
-        budget = Budget(**{**study["budget"], "seeds": tuple(study["budget"]["seeds"])})
-        runs = [r for r in plan_runs(budget) if r.folder in {s["folder"] for s in study["runs"]}]
-    entries = [_Entry(r, os.path.join(out_dir, r.folder)) for r in runs]
-    atomic_write(os.path.join(out_dir, "results.md"), lambda f: f.write(results_markdown(budget, entries).encode()))
-    done = [e for e in entries if e.result]
-    if not done:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    plot_scores(os.path.join(out_dir, "scores.png"), budget, done)
-    plot_loss(os.path.join(out_dir, "loss.png"), budget, done)
-    plot_learning(os.path.join(out_dir, "learning.png"), budget, done)
-    save_grids(os.path.join(out_dir, "grids.png"), done)
-
-
-class _Entry:
-    """One run's files, as the report reads them: result.json, metrics.jsonl, evals.jsonl."""
+class Entry:
+    """One run's files, as the statistics and the report read them: result.json (its scores),
+    metrics.jsonl and evals.jsonl (read when first asked for)."""
 
     def __init__(self, run, folder):
         self.run, self.folder = run, folder
@@ -510,332 +635,284 @@ class _Entry:
             self._evals = read_jsonl(os.path.join(self.folder, "evals.jsonl"))
         return self._evals
 
-    def score(self, metric):
-        """The final class accuracy (in %) or FID, or None."""
+    def score(self, metric, per_digit=None, seed=None):
+        """Class accuracy (in %) or FID of the study's own score, or of the score with
+        `per_digit` samples per digit and sampling seed `seed`; None if there is none."""
         if not self.ok:
             return None
-        return 100 * self.result["class_accuracy"] if metric == "accuracy" else self.result["fid"]
+        found = self.result if per_digit is None else next(
+            (s for s in self.result.get("scores", []) if (s["per_digit"], s["seed"]) == (per_digit, seed)), None)
+        if found is None:
+            return None
+        return 100 * found["class_accuracy"] if metric == "accuracy" else found["fid"]
 
 
-def _uvit_seeds(entries):
-    return [e for e in entries if e.run.variant == "uvit" and e.ok]
+def read_entries(out_dir, runs):
+    """An Entry for each run, read from its folder in `out_dir`."""
+    return [Entry(r, os.path.join(out_dir, r.folder)) for r in runs]
 
 
-def _seed_stats(entries, metric):
-    """(mean, std, min, max) of U-ViT's seeds, or None without any."""
-    v = np.array([e.score(metric) for e in _uvit_seeds(entries)])
-    if not len(v):
+def by_seed(entries, model, metric, per_digit=None, seed=None):
+    """{training seed: score} of `model`'s finished runs (see Entry.score)."""
+    out = {}
+    for e in entries:
+        if e.run.variant == model and e.ok:
+            v = e.score(metric, per_digit, seed)
+            if v is not None:
+                out[e.run.seed] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The statistics: paired differences, Holm's correction, a verdict per claim
+# ----------------------------------------------------------------------------------------
+
+METRICS = ("accuracy", "fid")
+ALPHA = 0.05            # the family-wise error rate of the study's verdicts
+POWER = 0.8             # ... and the power a budget is sized for
+# The differences the quick budget is meant to resolve (issue 31), and the margin within which
+# a claim that one model "adds nothing" over another counts as agreed.
+TARGET = {"accuracy": 3.0, "fid": 2.0}
+MOST_SEEDS = 100        # seeds_needed says "more than this" beyond it
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One finding of the paper as a paired comparison on FID (the paper's measure): `a` is
+    better than `b` (expect "better"), or `a` is no better than `b` (expect "no better")."""
+    section: str
+    words: str              # the paper's finding, in its words
+    a: str
+    b: str
+    expect: str = "better"
+
+
+# Sec. 3.1, CIFAR-10, U-ViT-S/2, FID of 10K samples, one run per variant (UVIT-FACTS.md)
+CLAIMS = (
+    Claim("3.1 long skip", "adding h_m + h_s directly gives no benefit over no long skip",
+          "skip=add", "skip=none", "no better"),
+    Claim("3.1 long skip", "Linear(Concat(h_m, h_s)) improves on no long skip", "uvit", "skip=none"),
+    Claim("3.1 long skip", "h_m + Linear(h_s) improves on no long skip", "skip=add_linear", "skip=none"),
+    Claim("3.1 long skip", "Linear(h_m + h_s) improves on no long skip", "skip=linear_add", "skip=none"),
+    Claim("3.1 long skip", "the concatenation is the best of them: beats h_m + Linear(h_s)",
+          "uvit", "skip=add_linear"),
+    Claim("3.1 long skip", "the concatenation is the best of them: beats Linear(h_m + h_s)",
+          "uvit", "skip=linear_add"),
+    Claim("3.1 time", "time as a token beats adaptive LayerNorm", "uvit", "time_cond=adaln"),
+    Claim("3.1 3x3 conv", "a 3x3 conv after the linear decoder is slightly better than one before it",
+          "uvit", "conv=before"),
+    Claim("3.1 3x3 conv", "a 3x3 conv after the linear decoder is slightly better than none", "uvit", "conv=none"),
+    Claim("3.1 patch embedding", "a linear patch embedding beats 3x3 conv blocks followed by a 1x1 conv",
+          "uvit", "patch_embed=conv"),
+    Claim("3.1 positions", "learned 1-D positions beat 2-D sinusoidal ones", "uvit", "pos_embed=sincos2d"),
+    Claim("3.1 positions", "without any positions the samples are not plausible", "uvit", "pos_embed=none"),
+)
+
+
+def sweep_claims(budget):
+    """Sec. 3.2's findings (CIFAR-10, depth 9/13/17 blocks, width 256/512/768, patch 8/4/2/1 at
+    32x32) as claims on the budget's sweep: the smaller value, U-ViT, the larger value."""
+    s, out = budget.sweep, []
+    if "depth" in s:
+        out += [Claim("3.2 depth", "more blocks help (9 → 13)", "uvit", f"depth={s['depth'][0]}"),
+                Claim("3.2 depth", "more blocks beyond that add nothing (13 → 17)",
+                      f"depth={s['depth'][1]}", "uvit", "no better")]
+    if "width" in s:
+        out += [Claim("3.2 width", "a wider model helps (256 → 512)", "uvit", f"width={s['width'][0]}"),
+                Claim("3.2 width", "wider beyond that adds nothing (512 → 768)",
+                      f"width={s['width'][1]}", "uvit", "no better")]
+    if "patch_size" in s:
+        out += [Claim("3.2 patch size", "a smaller patch helps (8 → 4)", "uvit", f"patch_size={s['patch_size'][1]}"),
+                Claim("3.2 patch size", "a smaller patch helps (4 → 2)", f"patch_size={s['patch_size'][0]}", "uvit")]
+    return out
+
+
+def paired(a, b):
+    """The paired difference a - b over the seeds both have ({seed: value} each): dict(seeds,
+    diffs, n, mean, sd, half (of the 95% t-interval), lo, hi, p (two-sided t-test of no
+    difference)); sd, interval and p are None below two seeds."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    n = len(d)
+    out = dict(seeds=seeds, diffs=d.tolist(), n=n, mean=float(d.mean()) if n else None,
+               sd=None, half=None, lo=None, hi=None, p=None)
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * se
+    p = float(2 * stats.t.sf(abs(out["mean"]) / se, n - 1)) if se > 0 else float(out["mean"] == 0)
+    return dict(out, sd=sd, half=half, lo=out["mean"] - half, hi=out["mean"] + half, p=p)
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values, in the order given (None stays None, outside the
+    family): the k-th smallest of m is multiplied by m - k + 1, then made non-decreasing."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m, out, running = len(tested), [None] * len(pvalues), 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - k) * p))
+        out[i] = running
+    return out
+
+
+def bonferroni_interval(stat, m):
+    """(lo, hi): the paired difference's t-interval at level ALPHA / m, two-sided (None below two seeds)."""
+    from scipy import stats
+    if stat["sd"] is None:
         return None
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(v.min()), float(v.max())
+    half = float(stats.t.ppf(1 - ALPHA / (2 * m), stat["n"] - 1)) * stat["sd"] / math.sqrt(stat["n"])
+    return stat["mean"] - half, stat["mean"] + half
 
 
-# -- results.md ---------------------------------------------------------------------------
-
-def results_markdown(budget, entries):
-    """The study's table in Markdown, with the budget above it and notes below."""
-    b = budget
-    name = budget_name(b)
-    n = 10 * b.final_per_digit
-    lines = [
-        "# U-ViT ablation on MNIST", "",
-        f"Budget{f' `{name}`' if name else ''}: {b.describe()}, every other training setting TrainConfig's "
-        f"default. U-ViT trained with seeds {', '.join(map(str, b.seeds))}; every variant with seed "
-        f"{b.seeds[0]} (same data order and recipe).",
-        f"Scores: EMA weights, {b.final_per_digit} samples per digit (n = {n:,}), {b.sampler} {b.sample_steps} "
-        f"steps, guidance {b.guidance:g}, sampling seed {b.score_seed}; class accuracy by tinyuvit's MNIST "
-        "classifier, FID on its features against the MNIST test digits. FID floor: as many real training "
-        "digits as samples.", ""]
-    lines += results_table(b, entries)
-    lines += ["", "(Δ: difference from U-ViT's mean. \\*: outside the range of U-ViT's seeds, i.e. larger than "
-              "the seed noise seen here. Few seeds and short training: treat small differences with care. "
-              "Train time includes the learning curves' evaluations.)"]
-    diverged = [e for e in entries if e.result and not e.ok]
-    if diverged:
-        lines += ["", "Diverged:"] + [f"- {e.run.label}: {e.result.get('message')}" for e in diverged]
-    return "\n".join(lines) + "\n"
+def seeds_needed(delta, sd, m, power=POWER):
+    """The seeds for `power` to find a true paired difference `delta` whose differences spread
+    `sd` (two-sided t-test at ALPHA / m: Bonferroni, which Holm is never stricter than); None if
+    more than MOST_SEEDS."""
+    from scipy import stats
+    if not sd:
+        return 2
+    for n in range(2, MOST_SEEDS + 1):
+        df, nc = n - 1, abs(delta) * math.sqrt(n) / sd
+        crit = stats.t.ppf(1 - ALPHA / (2 * m), df)
+        if stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) >= power:
+            return n
+    return None
 
 
-def results_table(budget, entries):
-    """The Markdown table's lines: U-ViT's seeds, their mean ± spread, then each variant."""
-    n = 10 * budget.final_per_digit
-    lines = [f"| variant | choice | parameters | class accuracy (%) | FID | FID floor (n = {n:,}) | "
-             "train time (min) |", "|---|---|---:|---:|---:|---:|---:|"]
-    acc, fid = _seed_stats(entries, "accuracy"), _seed_stats(entries, "fid")
-    for e in entries:
-        if e.run.variant == "uvit":
-            lines.append(_row(e, None, None))
-    if acc:
-        spread = lambda s, f: f"{s[0]:{f}} ± {s[1]:{f}} ({s[2]:{f}}–{s[3]:{f}})"
-        k = len(_uvit_seeds(entries))
-        lines.append(f"| **U-ViT mean ± std** ({k} seed{'s' if k > 1 else ''}; min–max) | | | "
-                     f"{spread(acc, '.1f')} | {spread(fid, '.2f')} | | |")
-    for e in entries:
-        if e.run.variant != "uvit":
-            lines.append(_row(e, acc, fid))
-    return lines
+def comparisons(budget, entries):
+    """Every paired comparison of the study, per metric: each model against U-ViT (model - U-ViT)
+    and each claim's pair between two variants, with Holm's adjusted p over all of them (one
+    family per metric). -> {(a, b): {metric: stat}} for the pairs whose models have results."""
+    done = {e.run.variant for e in entries if e.ok}
+    pairs = [(m.name, "uvit") for m in study_models(budget)[1:] if m.name in done and "uvit" in done]
+    for c in CLAIMS + tuple(sweep_claims(budget)):
+        if {c.a, c.b} <= done and (c.a, c.b) not in pairs and (c.b, c.a) not in pairs:
+            pairs.append((c.a, c.b))
+    out = {pair: {} for pair in pairs}
+    for metric in METRICS:
+        stats = [paired(by_seed(entries, a, metric), by_seed(entries, b, metric)) for a, b in pairs]
+        m = sum(s["p"] is not None for s in stats)
+        for pair, s, p in zip(pairs, stats, holm([s["p"] for s in stats])):
+            out[pair][metric] = dict(s, p_holm=p, m=m)
+    return out
 
 
-def _row(e, acc, fid):
-    r, run = e.result, e.run
-    choice = f"{run.choice}" if run.choice else "—"
-    if not r:
-        return f"| {run.label} | {choice} | | not run yet | | | |"
-    minutes = f"{r['train_seconds'] / 60:.1f}"
-    params = f"{r['params']:,}" if r.get("params") else ""
-    if not e.ok:
-        return f"| {run.label} | {choice} | {params} | **diverged** | **diverged** | | {minutes} |"
-    return (f"| {run.label} | {choice} | {params} | {_vs(e.score('accuracy'), acc, '.1f')} | "
-            f"{_vs(e.score('fid'), fid, '.2f')} | {r['fid_floor_same_n']:.2f} | {minutes} |")
+def oriented(table, a, b):
+    """The stats of a - b from a comparisons() table, whichever way round the pair is stored."""
+    if (a, b) in table:
+        return table[(a, b)]
+    flip = lambda s: dict(s, diffs=[-d for d in s["diffs"]], mean=None if s["mean"] is None else -s["mean"],
+                          lo=None if s["hi"] is None else -s["hi"], hi=None if s["lo"] is None else -s["lo"])
+    return {metric: flip(s) for metric, s in table[(b, a)].items()}
 
 
-def _vs(value, stats, fmt):
-    """ "91.2 (−1.1)\\*": the value, its difference from U-ViT's mean, * if outside U-ViT's seeds."""
-    if stats is None:
-        return f"{value:{fmt}}"
-    mean, _, lo, hi = stats
-    star = "\\*" if not lo <= value <= hi else ""
-    return f"{value:{fmt}} ({value - mean:+{fmt}}){star}".replace("-", "−")
+def verdict(claim, fid):
+    """(word, why) for a claim from the paired FID difference a - b (below 0: a is better).
+
+    "better": agrees / disagrees when the difference survives Holm's correction, in the claimed
+    direction or against it. "no better": disagrees when a is better after the correction; agrees
+    when a is worse after it, or when the Bonferroni interval rules out a being better by
+    TARGET["fid"] or more. Everything else is unresolved, with the seeds that would resolve it.
+    """
+    if fid["p"] is None:
+        return "unresolved at this budget", "fewer than two paired seeds"
+    significant, a_better = fid["p_holm"] < ALPHA, fid["mean"] < 0
+    holm_p = f"Holm p = {fid['p_holm']:.2g}"
+    if significant and claim.expect == "better":
+        return ("agrees" if a_better else "disagrees"), holm_p
+    if significant:
+        return ("disagrees" if a_better else "agrees"), holm_p
+    lo, hi = bonferroni_interval(fid, fid["m"])
+    interval = f"Bonferroni interval [{lo:.2f}, {hi:.2f}]".replace("-", "\u2212")
+    if claim.expect == "no better" and lo > -TARGET["fid"]:
+        return "agrees", f"{holm_p}; not better by {TARGET['fid']:g} FID or more: {interval}"
+    if -TARGET["fid"] < lo and hi < TARGET["fid"]:      # small either way: how many seeds for one this small
+        n = seeds_needed(fid["mean"], fid["sd"], fid["m"])
+        return "unresolved at this budget", (f"{holm_p}; no difference of {TARGET['fid']:g} FID or more either "
+                                             f"way ({interval}); one of {abs(fid['mean']):.2f} would need "
+                                             + (f"about {n} seeds" if n else f"more than {MOST_SEEDS} seeds"))
+    delta = max(abs(fid["mean"]), TARGET["fid"])
+    n = seeds_needed(delta, fid["sd"], fid["m"])
+    return "unresolved at this budget", (f"{holm_p}; " + (f"about {n} seeds" if n else
+                                                         f"more than {MOST_SEEDS} seeds") +
+                                         f" would resolve a difference of {delta:.1f} FID")
 
 
-# -- the figures ----------------------------------------------------------------------------
-
-def _choices(entries):
-    """The choices that the finished variants vary, in CHOICES order."""
-    have = {e.run.choice for e in entries}
-    return [c for c in CHOICES if c in have]
-
-
-def _variants(entries, choice):
-    """The variants of `choice` (U-ViT, whose choice is None too, is not one of them)."""
-    return [e for e in entries if e.run.variant != "uvit" and e.run.choice == choice]
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+def claim_verdicts(budget, entries, table=None):
+    """[dict(claim, accuracy, fid, word, why)] for every claim whose two models have results:
+    the stats of a - b (accuracy: above 0, a better; FID: below 0, a better) and the verdict."""
+    table = comparisons(budget, entries) if table is None else table
+    out = []
+    for c in CLAIMS + tuple(sweep_claims(budget)):
+        if (c.a, c.b) in table or (c.b, c.a) in table:
+            s = oriented(table, c.a, c.b)
+            word, why = verdict(c, s["fid"])
+            out.append(dict(claim=c, accuracy=s["accuracy"], fid=s["fid"], word=word, why=why))
+    return out
 
 
-def plot_scores(path, budget, entries):
-    """Two panels, class accuracy and FID: U-ViT's mean (its seeds as points) then the variants,
-    grouped by choice, with U-ViT's seed range as a band across the panel."""
-    import matplotlib.pyplot as plt
-    choices = _choices(entries)
-    colors = {c: f"C{i}" for i, c in enumerate(choices)}
-    xs, labels, bars, groups, x = [], [], [], [], 0.0
-    seeds = _uvit_seeds(entries)
-    if seeds:
-        xs.append(x)
-        labels.append(f"U-ViT\n({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-        bars.append(None)
-        x += 1.5
-    for c in choices:
-        first = x
-        for e in entries:
-            if e.run.choice == c:
-                xs.append(x)
-                labels.append(e.run.value)
-                bars.append(e)
-                x += 1
-        groups.append((c, (first + x - 1) / 2))
-        x += 0.5
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.85 * len(xs) + 2), 8), dpi=110, sharex=True)
-    n = 10 * budget.final_per_digit
-    for ax, metric, title in ((axes[0], "accuracy", f"class accuracy (%), higher is better (n = {n:,})"),
-                              (axes[1], "fid", f"FID, lower is better (n = {n:,})")):
-        stats = _seed_stats(entries, metric)
-        values = [e.score(metric) for e in entries if e.ok]
-        if stats:
-            mean, _, lo, hi = stats
-            ax.axhspan(lo, hi, color="0.5", alpha=0.18, lw=0, label="U-ViT seed range (min–max)")
-            ax.axhline(mean, color="0.3", ls="--", lw=1, label="U-ViT mean")
-            ax.bar(xs[0], mean, width=0.7, color="0.35", zorder=2)
-            points = [e.score(metric) for e in seeds]
-            ax.scatter([xs[0]] * len(seeds), points, color="white", edgecolor="k", zorder=3, s=22,
-                       label="U-ViT's seeds (the bar: their mean)")
-            _bar_label(ax, xs[0], mean, metric, at=max(points))     # above the points
-        for xi, e in zip(xs, bars):
-            if e is None:
+def sampling_noise(entries, model, per_digit, score_seed):
+    """How much of `model`'s seed spread is sampling noise: from its runs scored with sampling
+    seeds score_seed and score_seed + 1 at `per_digit`. -> {metric: dict(runs, sampling_sd,
+    seed_sd, share)} (share: the sampling variance over the seed variance), or None without two
+    such runs. A score's sampling variance is half the mean square of its two scores' difference."""
+    out = {}
+    for metric in METRICS:
+        first = by_seed(entries, model, metric, per_digit, score_seed)
+        second = by_seed(entries, model, metric, per_digit, score_seed + 1)
+        seeds = sorted(set(first) & set(second))
+        if len(seeds) < 2:
+            return None
+        d = np.array([second[s] - first[s] for s in seeds])
+        sampling_var = float(np.mean(d * d) / 2)
+        seed_var = float(np.var([first[s] for s in seeds], ddof=1))
+        out[metric] = dict(runs=len(seeds), sampling_sd=math.sqrt(sampling_var), seed_sd=math.sqrt(seed_var),
+                           share=sampling_var / seed_var if seed_var > 0 else None)
+    return out
+
+
+def spread(entries, model, metric, per_digit=None, seed=None):
+    """dict(values {seed: score}, mean, sd) of one model's runs at one score (None without runs)."""
+    v = by_seed(entries, model, metric, per_digit, seed)
+    if not v:
+        return None
+    x = np.array(list(v.values()))
+    return dict(values=v, mean=float(x.mean()), sd=float(x.std(ddof=1)) if len(x) > 1 else None)
+
+
+def study_size(budget):
+    """The number of comparisons of the whole study (every model against U-ViT, and the claims
+    between two variants): the m that Holm's correction divides by when everything has run."""
+    pairs = {(m.name, "uvit") for m in study_models(budget)[1:]}
+    for c in CLAIMS + tuple(sweep_claims(budget)):
+        if (c.b, c.a) not in pairs:
+            pairs.add((c.a, c.b))
+    return len(pairs)
+
+
+def pilot_spreads(budget, entries):
+    """The pilot's measure of each lever: for U-ViT with each start of the final conv and each
+    sample count, the spread over the training seeds, the sampling noise, and the seeds the
+    whole study would need to resolve TARGET if paired differences spread sqrt(2) times the
+    seed spread (two independent runs; pairing can only help). -> [dict(model, conv_init,
+    per_digit, accuracy, fid, noise, needed)] for the arms with runs."""
+    m_all = study_size(budget)
+    arms = [("uvit", budget.conv_init), (pilot_arm(budget).name, pilot_arm(budget).value)]
+    counts = sorted({budget.final_per_digit, min(PILOT_FEWER, budget.final_per_digit)}, reverse=True)
+    out = []
+    for model, conv_init in arms:
+        for per_digit in counts:
+            s = {metric: spread(entries, model, metric, per_digit, budget.score_seed) for metric in METRICS}
+            if s["fid"] is None:
                 continue
-            if e.ok:
-                ax.bar(xi, e.score(metric), width=0.7, color=colors[e.run.choice], zorder=2)
-                _bar_label(ax, xi, e.score(metric), metric)
-            else:
-                ax.text(xi, 0.03, "diverged", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
-                        va="bottom", color="red", fontsize=9)
-        _score_limits(ax, metric, values)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(xs)
-    axes[1].set_xticklabels(labels, fontsize=8)
-    axes[1].set_xlim(min(xs) - 1, max(xs) + 1)
-    for c, center in groups:       # the choice's name under its group of bars
-        axes[1].annotate(c, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -30),
-                         textcoords="offset points", ha="center", va="top", fontsize=9, fontweight="bold",
-                         color=colors[c])
-    fig.suptitle(f"U-ViT ablation on MNIST: {budget.describe()}", fontsize=11)
-    handles, names = axes[0].get_legend_handles_labels()
-    if handles:        # one legend for both panels, under the title
-        fig.legend(handles, names, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, 0.955))
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    _save(fig, path)
-
-
-def _bar_label(ax, x, value, metric, at=None):
-    """The value written above its bar (or above `at`)."""
-    ax.annotate(f"{value:.1f}" if metric == "accuracy" else f"{value:.2f}", (x, value if at is None else at),
-                xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-
-
-def _score_limits(ax, metric, values):
-    """Accuracy: zoom on the values (the axis then does not start at 0); FID: from 0."""
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    if metric == "accuracy":
-        pad = max(1.0, 0.25 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - 2 * pad), min(100.0, hi + pad) + 0.5 * pad)
-    else:
-        ax.set_ylim(0, 1.18 * hi)
-
-
-def _smooth(rows, k=SMOOTH):
-    """(steps, running mean of the loss over k steps)."""
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows], dtype=float)
-    k = max(1, min(k, len(loss) // 5))
-    return steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid")
-
-
-def _panels(n, ncols):
-    """A figure with n panels in rows of `ncols`, the unused ones hidden."""
-    import matplotlib.pyplot as plt
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), dpi=100, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
-def _reference_lines(ax, entries, x_y, **style):
-    """U-ViT's seed 0 in black, its other seeds in grey: every panel's reference."""
-    for i, e in enumerate(_uvit_seeds(entries)):
-        xs, ys = x_y(e)
-        grey = SEED_GREYS[min(i - 1, len(SEED_GREYS) - 1)]
-        ax.plot(xs, ys, color="k" if i == 0 else grey, lw=1.4 if i == 0 else 1, label=e.run.label,
-                zorder=3 if i == 0 else 2, **style)
-
-
-def plot_loss(path, budget, entries):
-    """The smoothed training loss: one panel per choice, U-ViT (all seeds) against its variants."""
-    from .images import plain_log_ticks
-    choices = _choices(entries) or [None]
-    fig, axes = _panels(len(choices), min(3, len(choices)))
-    curve = lambda e: _smooth(e.rows)
-    for ax, c in zip(axes, choices):
-        _reference_lines(ax, entries, curve)
-        tails = [curve(e)[1] for e in entries if (e.run.variant == "uvit" or e.run.choice == c) and e.rows]
-        for i, e in enumerate(e for e in _variants(entries, c) if e.rows):
-            xs, ys = curve(e)
-            ax.plot(xs, ys, color=f"C{i}", lw=1.2, label=e.run.variant + ("" if e.ok else " (diverged)"))
-        ax.set_yscale("log")
-        plain_log_ticks(ax)
-        _zoom_on_tail(ax, tails)
-        ax.set_title(f"{c}" if c else "U-ViT", fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"training loss, running mean of {SMOOTH} steps\n{budget.describe()}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
-    _save(fig, path)
-
-
-def _zoom_on_tail(ax, curves):
-    """y limits that show the curves after their first fifth (the start is far above the rest)."""
-    tails = [y[len(y) // 5:] for y in curves if len(y)]
-    tails = [t[np.isfinite(t)] for t in tails if len(t)]
-    tails = [t for t in tails if len(t)]
-    if tails:
-        lo, hi = min(t.min() for t in tails), max(t.max() for t in tails)
-        if lo > 0 and hi > lo:
-            ax.set_ylim(lo / 1.05, hi * 1.1)
-
-
-def plot_learning(path, budget, entries):
-    """Class accuracy and FID during training (evals.jsonl), one row of two panels per choice."""
-    import matplotlib.pyplot as plt
-
-    from .images import plain_log_ticks
-    choices = _choices(entries) or [None]
-    fig, axes = plt.subplots(len(choices), 2, figsize=(10, 2.9 * len(choices) + 0.6), dpi=100, squeeze=False)
-    series = lambda key: lambda e: ([r["step"] for r in e.evals],
-                                    [(100 * r[key] if key == "class_accuracy" else r[key]) for r in e.evals])
-    for row, c in zip(axes, choices):
-        for ax, key, what in ((row[0], "class_accuracy", "class accuracy (%)"), (row[1], "fid", "FID")):
-            _reference_lines(ax, entries, series(key), marker="o", ms=3)
-            for i, e in enumerate(e for e in _variants(entries, c) if e.evals):
-                xs, ys = series(key)(e)
-                ax.plot(xs, ys, color=f"C{i}", lw=1.2, marker="o", ms=3,
-                        label=e.run.variant + ("" if e.ok else " (diverged)"))
-            if key == "fid":
-                ax.set_yscale("log")
-                plain_log_ticks(ax)
-            ax.set_title(f"{c or 'U-ViT'}: {what}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-        row[0].legend(fontsize=7)            # the FID panel beside it has the same lines
-        row[0].set_ylabel("%")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    n = 10 * budget.eval_per_digit
-    fig.suptitle(f"during training: EMA samples, n = {n:,} per point (FID is higher at smaller n: compare "
-                 "curves with each other, not with the final table)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))   # room for the title
-    _save(fig, path)
-
-
-def save_grids(path, entries, tile=302, caption=40, pad=8):
-    """Every run's final samples.png side by side, one row per choice (U-ViT's seeds first), each
-    under its name and scores. A diverged run, which has no grid, is a grey tile saying so."""
-    from PIL import Image, ImageDraw
-    groups = [[e for e in entries if e.run.variant == "uvit"]]
-    groups += [[e for e in entries if e.run.choice == c] for c in _choices(entries)]
-    groups = [g for g in groups if g]
-    ncols = max(len(g) for g in groups)
-    rows = [groups[0]]
-    for g in groups[1:]:             # choices share a row while they fit (time_cond and conv, ...)
-        if rows[-1] is not groups[0] and len(rows[-1]) + len(g) <= ncols:
-            rows[-1] = rows[-1] + g
-        else:
-            rows.append(g)
-    W, H = pad + ncols * (tile + pad), pad + len(rows) * (caption + tile + pad)
-    canvas = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(canvas)
-    big, small = _font(16), _font(13)
-    for i, row in enumerate(rows):
-        for j, e in enumerate(row):
-            x, y = pad + j * (tile + pad), pad + i * (caption + tile + pad)
-            draw.text((x, y), e.run.label, fill="black", font=big)
-            if e.ok:
-                draw.text((x, y + 20), f"class accuracy {100 * e.result['class_accuracy']:.1f}%, "
-                                       f"FID {e.result['fid']:.2f}", fill="dimgray", font=small)
-            grid = os.path.join(e.folder, "samples.png")
-            if os.path.exists(grid) and e.ok:
-                with Image.open(grid) as im:
-                    canvas.paste(im.convert("RGB").resize((tile, tile), Image.Resampling.BOX), (x, y + caption))
-            else:
-                draw.rectangle((x, y + caption, x + tile - 1, y + caption + tile - 1), fill=(200, 200, 200))
-                draw.text((x + tile // 2, y + caption + tile // 2), "diverged" if not e.ok else "no grid",
-                          fill="red", font=big, anchor="mm")
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def _font(size):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):   # Pillow < 10.1, or no FreeType: the small bitmap font
-        return ImageFont.load_default()
+            needed = {metric: seeds_needed(TARGET[metric], math.sqrt(2) * s[metric]["sd"], m_all)
+                      if s[metric]["sd"] is not None else None for metric in METRICS}
+            out.append(dict(model=model, conv_init=conv_init, per_digit=per_digit, accuracy=s["accuracy"],
+                            fid=s["fid"], noise=sampling_noise(entries, model, per_digit, budget.score_seed),
+                            needed=needed))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -843,7 +920,7 @@ def _font(size):
 # ----------------------------------------------------------------------------------------
 
 def format_variants(rows, budget):
-    """`tinyuvit ablate --list`: one line per variant with its parameter counts."""
+    """`tinyuvit ablate --list`: one line per model with its parameter counts."""
     b = get_budget(budget)
     name = budget_name(b) or "this budget"
     model = ", ".join(f"{k}={v}" for k, v in b.model.items())

@@ -572,37 +572,58 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
 def _budget_help():
     from .ablate import BUDGETS
     b = BUDGETS
-    return (f"The CPU budget: {b['quick'].describe()} (about an hour on 2 cores for all 13 runs). "
-            f"Without it: {b['default'].describe()}, meant for a GPU.")
+    return (f"The CPU budget: {b['quick'].describe()}, {len(b['quick'].seeds)} seeds per model (2.4-3.6 hours "
+            f"on 2 cores for the eleven models, as long again for the sweep). Without it: "
+            f"{b['default'].describe()}, {len(b['default'].seeds)} seeds per model, meant for a GPU.")
+
+
+def _headline_tables(markdown):
+    """The tables of results.md worth printing: the claims and the pilot's, else every run's."""
+    sections = {part.split("\n", 1)[0]: part for part in markdown.split("\n## ")[1:]}
+    chosen = [text for title, text in sections.items() if title.startswith(("The paper's claims", "Pilot"))]
+    chosen = chosen or [text for title, text in sections.items() if title.startswith("Every run")]
+    return "\n\n".join("\n".join(line for line in text.splitlines() if line.startswith("|")) for text in chosen)
 
 
 @main.command("ablate", epilog="\b\nExamples:\n"
-              "  tinyuvit ablate --list\n"
-              "  tinyuvit ablate --quick --only skip,time     # U-ViT's seeds, the skip and time variants\n"
+              "  tinyuvit ablate --list --quick\n"
+              "  tinyuvit ablate --quick --pilot              # U-ViT's seeds with and without the levers\n"
+              "  tinyuvit ablate --quick --only skip,time     # U-ViT, the skip and time variants, every seed\n"
+              "  tinyuvit ablate --quick --only sweep         # depth, width and patch size\n"
               "  tinyuvit ablate --device gpu --out runs/ablate")
 @click.option("--quick", is_flag=True, help=_budget_help())
 @click.option("--out", "out_dir", type=click.Path(), default=None,
-              help="Study folder. [default: runs/ablate-quick with --quick, else runs/ablate]")
+              help="Study folder. [default: runs/ablate-quick with --quick, else runs/ablate; "
+                   "with --pilot: runs/ablate-pilot(-quick)]")
 @click.option("--only", default=None,
               help="Comma list of choices (skip, time_cond or time, conv, patch_embed or patch, pos_embed or "
-                   "pos) and/or variants (skip=add); U-ViT's runs (the reference and its seed spread) are "
-                   "always in. [default: every variant]")
-@click.option("--list", "list_only", is_flag=True, help="List the variants and their parameter counts, then stop.")
+                   "pos), sweep knobs (depth, width, patch_size), the groups ablations and sweep, and/or models "
+                   "(skip=add, depth=8); U-ViT's runs (the reference of every comparison) are always in. "
+                   "[default: every model]")
+@click.option("--pilot", is_flag=True,
+              help="Instead of the study: U-ViT's seeds with the budget's start of the final conv and with the "
+                   "other, each scored at two sample counts and two sampling seeds, to measure the seed spread "
+                   "with and without the levers (results.md). A study run later in the same folder reuses "
+                   "U-ViT's runs.")
+@click.option("--list", "list_only", is_flag=True, help="List the models and their parameter counts, then stop.")
 @device_option
 @click.option("--data-dir", type=click.Path(), default=None,
               help="Folder with the four MNIST IDX files (else $TINYUVIT_DATA, the cache, a download, "
                    "or the embedded subset).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @threads_option
-def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads):
-    """The paper's ablation study: U-ViT against each one-change variant of its design.
+def ablate_cmd(quick, out_dir, only, pilot, list_only, device, data_dir, quiet, threads):
+    """The paper's design study: U-ViT against each one-change variant (Sec. 3.1) and its depth,
+    width and patch-size sweep (Sec. 3.2).
 
-    Every variant trains with the same budget, seed, data order and recipe, then is scored on its
-    EMA samples (class accuracy, FID); U-ViT trains with three seeds, so its seed spread shows
-    which differences exceed noise. Writes results.md, scores.png, loss.png, learning.png and
-    grids.png into --out (redrawn after every run), beside one run folder per run.
-    Running the same command again resumes the study. Ctrl-C (or SIGTERM, SIGHUP) stops it,
-    after the run in training saved its checkpoint, with exit status 128 + the signal's number.
+    Every model trains with each of the budget's seeds; a seed fixes the data order, the noise and
+    every layer's starting weights by name, so each model is compared with U-ViT of the same seed
+    (paired): the mean difference, its 95% interval, Holm-corrected p-values, and one verdict per
+    claim of the paper (agrees, disagrees, or unresolved at this budget). Writes results.md,
+    differences.png, loss.png, learning.png (if any) and grids.png into --out (redrawn after every
+    run), beside one run folder per run. Running the same command again resumes the study.
+    Ctrl-C (or SIGTERM, SIGHUP) stops it, after the run in training saved its checkpoint, with
+    exit status 128 + the signal's number.
     """
     from .ablate import format_variants, list_variants, run_study
     budget = "quick" if quick else "default"
@@ -610,15 +631,16 @@ def ablate_cmd(quick, out_dir, only, list_only, device, data_dir, quiet, threads
         click.echo(format_variants(list_variants(budget), budget))
         return
     _set_threads(threads)
-    out_dir = out_dir or os.path.join("runs", "ablate-quick" if quick else "ablate")
+    folder = ("ablate-pilot" if pilot else "ablate") + ("-quick" if quick else "")
+    out_dir = out_dir or os.path.join("runs", folder)
     log = lambda m: click.echo(m, err=True)
-    out = run_study(out_dir, budget, only=only, device=device, data_dir=data_dir, log=log, progress=not quiet)
+    out = run_study(out_dir, budget, only=only, pilot=pilot, device=device, data_dir=data_dir, log=log,
+                    progress=not quiet)
     if out["stopped"]:
         import signal
         sys.exit(128 + int(getattr(signal, out["stopped"])))
     with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as f:
-        table = [line.replace("\\*", "*") for line in f.read().splitlines() if line.startswith("|")]
-    click.echo("\n".join(table))
+        click.echo(_headline_tables(f.read()))
     click.echo(f"\nwrote {', '.join(os.path.basename(p) for p in out['files'])} in {out_dir}")
 
 
