@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import stats
 
 import tinyuvit.tools.ablate as ablate
+import tinyuvit.tools.ablate_run as ablate_run
 import tinyuvit.tools.ablate_report as report
 import tinyuvit.train as train_mod
 from tinyuvit.config import SAVED_BEFORE, from_saved
@@ -21,7 +22,8 @@ from tinyuvit.diffusion import Diffusion
 from tinyuvit.errors import ConfigError, TrainingError
 from tinyuvit.model import UViT, ablations, get_config
 from tinyuvit.tools.ablate import (BUDGETS, Budget, claim_verdicts, comparisons, count_params, holm, list_variants,
-                                   parse_only, plan_runs, read_entries, run_study, study_models)
+                                   parse_only, plan_runs, read_entries, study_models)
+from tinyuvit.tools.ablate_run import run_study
 from tinyuvit.tools.files import RunLock
 
 from test_runfolder import cli, one_line   # the CLI runner and the one-line-error check
@@ -82,14 +84,14 @@ def test_a_study_runs_every_model_with_every_seed_records_a_divergence_and_a_rer
         value, grad = real_loss(pred, batch)
         return (float("nan"), grad) if poison["on"] else (value, grad)
 
-    real_train, configs = ablate.train, []
+    real_train, configs = ablate_run.train, []
 
     def train(cfg, *args, **kw):
         configs.append(cfg)
         poison["on"] = cfg.model_overrides.get("skip") == "add" and cfg.seed == 1
         return real_train(cfg, *args, **kw)
     monkeypatch.setattr(Diffusion, "loss", staticmethod(loss))
-    monkeypatch.setattr(ablate, "train", train)
+    monkeypatch.setattr(ablate_run, "train", train)
     lines = []
     out = study(tmp_path, only="skip=add,conv=none", lines=lines)
     assert out["stopped"] is None
@@ -121,8 +123,8 @@ def test_a_study_runs_every_model_with_every_seed_records_a_divergence_and_a_rer
 
     # the same study again: every run is finished, nothing is trained or scored
     stamps = {f: os.stat(tmp_path / f / "result.json").st_mtime_ns for f in ("uvit", "conv-none", "skip-add-seed1")}
-    monkeypatch.setattr(ablate, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(ablate._Scorer, "__call__", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(ablate_run, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(ablate_run._Scorer, "__call__", lambda *a, **k: pytest.fail("scored again"))
     lines = []
     study(tmp_path, only="skip=add,conv=none", lines=lines)
     assert "[6/6] conv=none (seed 1): finished earlier (ok), kept" in lines
@@ -156,7 +158,7 @@ def test_a_study_cut_between_seeds_resumes_where_it_stopped(tmp_path, monkeypatc
 
     # trained but not scored (killed while scoring): scored only
     os.remove(tmp_path / "skip-none-seed1" / "result.json")
-    monkeypatch.setattr(ablate, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(ablate_run, "train", lambda *a, **k: pytest.fail("trained again"))
     lines = []
     study(tmp_path, only="skip=none", lines=lines)
     assert "[4/4] skip=none (seed 1): scoring 20 samples (sampling seed 0)" in lines
@@ -176,7 +178,7 @@ def test_the_pilot_measures_both_conv_starts_at_two_sample_counts_and_the_study_
     md = (tmp_path / "results.md").read_text()
     assert "## Pilot" in md and "| identity (the budget) | 30 |" in md and "| uniform | 20 |" in md
     assert "## The paper's claims" not in md and (tmp_path / "pilot.png").is_file()   # no variant yet
-    monkeypatch.setattr(ablate, "train", lambda cfg, *a, **k: pytest.fail("trained U-ViT again") if
+    monkeypatch.setattr(ablate_run, "train", lambda cfg, *a, **k: pytest.fail("trained U-ViT again") if
                         not cfg.model_overrides.get("skip") else train_mod.train(cfg, *a, **k))
     lines = []
     study(tmp_path, budget, only="skip=none", lines=lines)
@@ -279,7 +281,7 @@ def test_seeds_needed_grows_as_the_spread_does():
 # ----------------------------------------------------------------------------------------
 
 def test_another_budget_in_the_same_folder_is_one_line_naming_the_fields(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_run_one", lambda *a, **k: None)        # record the study, train nothing
+    monkeypatch.setattr(ablate_run, "_run_one", lambda *a, **k: None)        # record the study, train nothing
     monkeypatch.setitem(BUDGETS, "default", dataclasses.replace(TEST, steps=6))
     monkeypatch.setitem(BUDGETS, "quick", TEST)
     assert cli("ablate", "--quick", "--out", tmp_path, "--only", "uvit").exit_code == 0
@@ -375,7 +377,7 @@ def test_budgets_are_checked_and_the_folder_is_locked(tmp_path):
 
 def test_training_time_adds_the_segments_of_a_resumed_run():
     rows = [{"seconds": s} for s in (1.0, 2.0, 3.0, 0.5, 1.5)]
-    assert ablate.train_seconds(rows) == 4.5 and ablate.train_seconds([]) == 0
+    assert ablate_run.train_seconds(rows) == 4.5 and ablate_run.train_seconds([]) == 0
 
 
 def test_help_has_examples():
@@ -391,16 +393,16 @@ def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():
     train-mnist's default); a changed field is still refused."""
     from tinyuvit.model import INITS
     budget = dataclasses.replace(BUDGETS["quick"], conv_init="uniform")
-    recipe = ablate._recipe(budget)
+    recipe = ablate_run._recipe(budget)
     assert recipe["pos_init"] == "normal" and budget.sample_config().guidance_interval == (0.0, float("inf"))
     assert recipe["snr_gamma"] == 5.0
     added_since = ("noise_schedule", "pos_init", "conv_init", "weak_at", "clip_loss")   # after the first studies
     assert set(added_since) <= set(SAVED_BEFORE)
     old = {k: v for k, v in recipe.items() if k not in added_since}
     old["model"] = {k: v for k, v in recipe["model"].items() if k not in INITS}
-    ablate._check_same("study", from_saved(old), recipe)
+    ablate_run._check_same("study", from_saved(old), recipe)
     with pytest.raises(ConfigError, match="lr"):
-        ablate._check_same("study", from_saved(dict(old, lr=1.0)), recipe)
+        ablate_run._check_same("study", from_saved(dict(old, lr=1.0)), recipe)
 
 
 def test_sweep_models_build_with_the_base_model_and_the_preset():

@@ -9,5 +9,6 @@
     parallel     splitting a batch over CPU threads
     vit, metrics, evaluate   the ViT classifier, FID and pixel measures, `tinyuvit evaluate`
     bench, torch_uvit        timing against a PyTorch U-ViT with the same weights
-    ablate, ablate_report    the paper's design study (runs, statistics) and its report
+    ablate       the paper's design study: budgets, models, runs, the statistics and verdicts
+    ablate_run, ablate_report   running a study (resumable), and its results.md and figures
 """

@@ -566,7 +566,7 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
 
 
 # ----------------------------------------------------------------------------------------
-# tinyuvit ablate: a thin shell over tinyuvit.tools.ablate.run_study
+# tinyuvit ablate: a thin shell over tinyuvit.tools.ablate_run.run_study
 # ----------------------------------------------------------------------------------------
 
 def _budget_help():
@@ -625,7 +625,8 @@ def ablate_cmd(quick, out_dir, only, pilot, list_only, device, data_dir, quiet, 
     Ctrl-C (or SIGTERM, SIGHUP) stops it, after the run in training saved its checkpoint, with
     exit status 128 + the signal's number.
     """
-    from .ablate import format_variants, list_variants, run_study
+    from .ablate import format_variants, list_variants
+    from .ablate_run import run_study
     budget = "quick" if quick else "default"
     if list_only:
         click.echo(format_variants(list_variants(budget), budget))
