@@ -11,4 +11,5 @@
     bench, torch_uvit        timing against a PyTorch U-ViT with the same weights
     ablate       the paper's design study: budgets, models, runs, the statistics and verdicts
     ablate_run, ablate_report   running a study (resumable), and its results.md and figures
+    explain      `tinyuvit explain`: attention maps, skip probes and the x0 path of a trained run
 """
