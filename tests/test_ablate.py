@@ -22,7 +22,7 @@ from tinyuvit.diffusion import Diffusion
 from tinyuvit.errors import ConfigError, TrainingError
 from tinyuvit.model import UViT, ablations, get_config
 from tinyuvit.tools.ablate import (BUDGETS, Budget, claim_verdicts, comparisons, count_params, holm, list_variants,
-                                   parse_only, plan_runs, read_entries, study_models)
+                                   parse_only, plan_runs, read_entries, study_models, study_size)
 from tinyuvit.tools.ablate_run import run_study
 from tinyuvit.tools.files import RunLock
 
@@ -216,10 +216,11 @@ def fake_study(out_dir):
     return runs
 
 
-def our_holm(p):
-    """Holm's adjusted p-values, written out another way: sorted ascending, (m - i) * p, running max."""
+def our_holm(p, m):
+    """Holm's adjusted p-values over a family of m, of which these are tested (the rest as p = 1),
+    written out another way: sorted ascending, (m - i) * p, running max."""
     order = np.argsort(p)
-    adjusted = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * np.array(p)[order]))
+    adjusted = np.minimum(1, np.maximum.accumulate((m - np.arange(len(p))) * np.array(p)[order]))
     out = np.empty(len(p))
     out[order] = adjusted
     return out
@@ -233,12 +234,14 @@ def test_a_fake_study_with_a_known_difference_gives_the_expected_intervals_and_v
     assert set(table) == set(pairs)                       # every model against U-ViT, the skip claims' pairs
     fid = lambda model: np.array([UVIT_FID[s] + (SHIFT[model][s] if model != "uvit" else 0) for s in range(3)])
     p = [stats.ttest_rel(fid(a), fid(b)).pvalue for a, b in pairs]
-    for (a, b), p_holm in zip(pairs, our_holm(p)):
+    m = study_size(FAKE)                                  # the whole study's family, run or not
+    assert m == 13 > len(pairs)
+    for (a, b), p_holm in zip(pairs, our_holm(p, m)):
         d = fid(a) - fid(b)
         lo, hi = stats.t.interval(0.95, 2, loc=d.mean(), scale=stats.sem(d))
         s = table[(a, b)]["fid"]
         assert s["mean"] == pytest.approx(d.mean()) and (s["lo"], s["hi"]) == pytest.approx((lo, hi))
-        assert s["p_holm"] == pytest.approx(p_holm) and s["m"] == 10
+        assert s["p_holm"] == pytest.approx(p_holm) and s["m"] == m
         assert table[(a, b)]["accuracy"]["mean"] == pytest.approx(-d.mean())    # accuracy = 100 - FID
     adaln = table[("time_cond=adaln", "uvit")]["fid"]
     assert adaln["mean"] == pytest.approx(3.0) and adaln["half"] == pytest.approx(4.303 * math.sqrt(7) / math.sqrt(3),
@@ -255,6 +258,7 @@ def test_a_fake_study_with_a_known_difference_gives_the_expected_intervals_and_v
         ("uvit", "pos_embed=sincos2d"): "disagrees",     # sincos2d is better, past the correction
         ("uvit", "pos_embed=none"): "agrees"}
     assert holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+    assert holm([0.01, None, 0.04], m=4) == pytest.approx([0.04, None, 0.12])     # two of four not run yet
 
 
 def test_the_report_of_a_fake_study_states_each_claim_with_its_interval_and_verdict(tmp_path):
@@ -264,7 +268,7 @@ def test_the_report_of_a_fake_study_states_each_claim_with_its_interval_and_verd
     assert ("| 3.1 positions | learned 1-D positions beat 2-D sinusoidal ones | U-ViT vs pos_embed=sincos2d | "
             "+5.00 [") in md and "**disagrees** (Holm p = " in md
     assert "| 3.1 time | time as a token beats adaptive LayerNorm | U-ViT vs time_cond=adaln | −3.00 [" in md
-    assert "study's 10 comparisons" in md and "seeds would resolve" in md
+    assert "study's 13 comparisons, 3 of them not run yet and counted as p = 1" in md and "seeds would resolve" in md
     # the sampling noise: U-ViT rescored 0.5 FID away each seed, so its sampling sd is 0.5/sqrt(2)
     assert f"FID: sampling sd {0.5 / math.sqrt(2):.2f} against a seed sd of 3.00" in md
     with Image.open(tmp_path / "differences.png") as im:

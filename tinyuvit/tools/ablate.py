@@ -503,11 +503,13 @@ def paired(a, b):
     return dict(out, sd=sd, half=half, lo=out["mean"] - half, hi=out["mean"] + half, p=p)
 
 
-def holm(pvalues):
-    """Holm's step-down adjusted p-values, in the order given (None stays None, outside the
-    family): the k-th smallest of m is multiplied by m - k + 1, then made non-decreasing."""
+def holm(pvalues, m=None):
+    """Holm's step-down adjusted p-values, in the order given (None stays None): the k-th smallest
+    of m is multiplied by m - k + 1, then made non-decreasing. `m`: the size of the whole family
+    when some of it is not tested yet (as if the rest had p = 1), so that a verdict drawn from
+    part of a study still holds for all of it; by default the p-values given."""
     tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
-    m, out, running = len(tested), [None] * len(pvalues), 0.0
+    m, out, running = max(m or 0, len(tested)), [None] * len(pvalues), 0.0
     for k, (p, i) in enumerate(tested):
         running = max(running, min(1.0, (m - k) * p))
         out[i] = running
@@ -541,7 +543,9 @@ def seeds_needed(delta, sd, m, power=POWER):
 def comparisons(budget, entries):
     """Every paired comparison of the study, per metric: each model against U-ViT (model - U-ViT)
     and each claim's pair between two variants, with Holm's adjusted p over all of them (one
-    family per metric). -> {(a, b): {metric: stat}} for the pairs whose models have results."""
+    family per metric: the whole study's study_size(budget) comparisons, run or not yet, so a
+    study cut short claims no more than the finished one could). -> {(a, b): {metric: stat}}
+    for the pairs whose models have results."""
     done = {e.run.variant for e in entries if e.ok}
     pairs = [(m.name, "uvit") for m in study_models(budget)[1:] if m.name in done and "uvit" in done]
     for c in CLAIMS + tuple(sweep_claims(budget)):
@@ -550,8 +554,8 @@ def comparisons(budget, entries):
     out = {pair: {} for pair in pairs}
     for metric in METRICS:
         stats = [paired(by_seed(entries, a, metric), by_seed(entries, b, metric)) for a, b in pairs]
-        m = sum(s["p"] is not None for s in stats)
-        for pair, s, p in zip(pairs, stats, holm([s["p"] for s in stats])):
+        m = max(study_size(budget), sum(s["p"] is not None for s in stats))
+        for pair, s, p in zip(pairs, stats, holm([s["p"] for s in stats], m)):
             out[pair][metric] = dict(s, p_holm=p, m=m)
     return out
 

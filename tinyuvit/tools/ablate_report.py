@@ -111,11 +111,14 @@ def _claims_section(budget, entries, table):
     if not rows:
         return []
     m = next(iter(table.values()))["fid"]["m"]
+    tested = sum(s["fid"]["p"] is not None for s in table.values())
+    family = f"the study's {m} comparisons" + (f", {m - tested} of them not run yet and counted as p = 1"
+                                              if tested < m else "")
     lines = ["## The paper's claims", "",
              "The paper's setting: CIFAR-10, unconditional, U-ViT-S/2, FID of 10K samples, one run per variant. "
              "tinyuvit's: the budget above (how its recipe differs: the last section). Each claim is a paired "
              f"comparison of two models, a − b over the seeds; the verdict is on FID, the paper's measure "
-             f"(below 0: a is better), with Holm's correction over the study's {m} comparisons (one family per "
+             f"(below 0: a is better), with Holm's correction over {family} (one family per "
              "measure). Class accuracy (above 0: a is better) is shown beside it, with its own Holm-adjusted p.", "",
              "| § | the paper finds | tinyuvit: a vs b | FID a − b [95% CI] | Holm p | accuracy a − b [95% CI] "
              "| Holm p | verdict |",
