@@ -593,8 +593,8 @@ def _headline_tables(markdown):
               "  tinyuvit ablate --device gpu --out runs/ablate")
 @click.option("--quick", is_flag=True, help=_budget_help())
 @click.option("--out", "out_dir", type=click.Path(), default=None,
-              help="Study folder. [default: runs/ablate-quick with --quick, else runs/ablate; "
-                   "with --pilot: runs/ablate-pilot(-quick)]")
+              help="Study folder; the pilot goes in the same one, so that the study reuses its U-ViT runs. "
+                   "[default: runs/ablate-quick with --quick, else runs/ablate]")
 @click.option("--only", default=None,
               help="Comma list of choices (skip, time_cond or time, conv, patch_embed or patch, pos_embed or "
                    "pos), sweep knobs (depth, width, patch_size), the groups ablations and sweep, and/or models "
@@ -603,7 +603,7 @@ def _headline_tables(markdown):
 @click.option("--pilot", is_flag=True,
               help="Instead of the study: U-ViT's seeds with the budget's start of the final conv and with the "
                    "other, each scored at two sample counts and two sampling seeds, to measure the seed spread "
-                   "with and without the levers (results.md). A study run later in the same folder reuses "
+                   "with and without the levers (results.md). The study, run later in the same folder, reuses "
                    "U-ViT's runs.")
 @click.option("--list", "list_only", is_flag=True, help="List the models and their parameter counts, then stop.")
 @device_option
@@ -632,8 +632,7 @@ def ablate_cmd(quick, out_dir, only, pilot, list_only, device, data_dir, quiet, 
         click.echo(format_variants(list_variants(budget), budget))
         return
     _set_threads(threads)
-    folder = ("ablate-pilot" if pilot else "ablate") + ("-quick" if quick else "")
-    out_dir = out_dir or os.path.join("runs", folder)
+    out_dir = out_dir or os.path.join("runs", "ablate-quick" if quick else "ablate")
     log = lambda m: click.echo(m, err=True)
     out = run_study(out_dir, budget, only=only, pilot=pilot, device=device, data_dir=data_dir, log=log,
                     progress=not quiet)
