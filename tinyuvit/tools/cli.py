@@ -572,7 +572,7 @@ def bench_cmd(presets, batches, device, rounds, repeats, warmup, compare, tf32, 
 def _budget_help():
     from .ablate import BUDGETS
     b = BUDGETS
-    return (f"The CPU budget: {b['quick'].describe()}, {len(b['quick'].seeds)} seeds per model (2.4-3.6 hours "
+    return (f"The CPU budget: {b['quick'].describe()}, {len(b['quick'].seeds)} seeds per model (about 3 hours "
             f"on 2 cores for the eleven models, as long again for the sweep). Without it: "
             f"{b['default'].describe()}, {len(b['default'].seeds)} seeds per model, meant for a GPU.")
 
