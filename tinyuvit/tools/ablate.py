@@ -321,7 +321,7 @@ def list_variants(budget="quick"):
     return rows
 
 
-def _check_built(budget, runs):
+def check_built(budget, runs):
     """ConfigError before any training if a variant asked for is not built in the network yet."""
     missing = sorted({r.variant for r in runs if r.model.value is not None and r.model.choice in CHOICES and
                       count_params(budget.preset, {**budget.model, **dict(r.model.overrides)}, r.model.value) is None})
@@ -340,7 +340,7 @@ def all_runs(budget):
 
 def saved_study(out_dir):
     """(budget, runs) of the study that `out_dir/study.json` records."""
-    study = _read_json(os.path.join(out_dir, "study.json"))
+    study = read_json(os.path.join(out_dir, "study.json"))
     if study is None:
         raise ConfigError(f"{out_dir} holds no study (no study.json)")
     budget = Budget.from_dict(study["budget"])
@@ -349,7 +349,7 @@ def saved_study(out_dir):
                     if r.folder in scores]
 
 
-def _read_json(path):
+def read_json(path):
     """The JSON in `path`, None if there is no such file; ConfigError if it is not JSON."""
     try:
         with open(path) as f:
@@ -360,9 +360,9 @@ def _read_json(path):
         raise ConfigError(f"{path} is not readable JSON ({e}); delete it to redo what it records") from None
 
 
-def _results(out_dir, runs):
+def read_results(out_dir, runs):
     """The result.json of each run that has one."""
-    found = [_read_json(os.path.join(out_dir, r.folder, "result.json")) for r in runs]
+    found = [read_json(os.path.join(out_dir, r.folder, "result.json")) for r in runs]
     return [r for r in found if r is not None]
 
 
@@ -376,7 +376,7 @@ class Entry:
 
     def __init__(self, run, folder):
         self.run, self.folder = run, folder
-        self.result = _read_json(os.path.join(folder, "result.json"))
+        self.result = read_json(os.path.join(folder, "result.json"))
         self.ok = bool(self.result) and self.result["status"] == "ok"
         self._rows = self._evals = None
 

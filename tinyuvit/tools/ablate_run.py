@@ -14,7 +14,7 @@ import time
 from ..config import from_saved
 from ..errors import ConfigError, DivergedError
 from ..train import train
-from .ablate import _check_built, _read_json, _results, all_runs, budget_name, count_params, get_budget, plan_runs
+from .ablate import check_built, read_json, read_results, all_runs, budget_name, count_params, get_budget, plan_runs
 from .ablate_report import report_files, write_report
 from .checkpoint import checkpoint_step
 from .files import RunLock, atomic_write
@@ -35,7 +35,7 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", dat
     from ..backend import Backend
     budget = get_budget(budget)
     runs = plan_runs(budget, only, pilot)
-    _check_built(budget, runs)
+    check_built(budget, runs)
     Backend(device)                       # no usable GPU: say so before anything is written
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -63,9 +63,9 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", dat
             during = f" during {run.label}" if run else ""
             log(f"the study stopped ({stop.name}){during}; finished runs are kept. To resume, run the same "
                 "command again")
-            return dict(stopped=stop.name, results=_results(out_dir, everything), files=report_files(out_dir))
+            return dict(stopped=stop.name, results=read_results(out_dir, everything), files=report_files(out_dir))
     log(f"done: {len(todo)} runs in {out_dir} ({(time.perf_counter() - t0) / 60:.1f} min this time)")
-    return dict(stopped=None, results=_results(out_dir, everything), files=report_files(out_dir))
+    return dict(stopped=None, results=read_results(out_dir, everything), files=report_files(out_dir))
 
 
 def _open_study(out_dir, budget, runs):
@@ -73,7 +73,7 @@ def _open_study(out_dir, budget, runs):
     every run asked for so far, each with every score asked for it (study.json); -> those runs,
     in study order (the whole study's, then the pilot's other arm)."""
     path = os.path.join(out_dir, "study.json")
-    saved = _read_json(path)
+    saved = read_json(path)
     asked, recipe = budget.to_dict(), _recipe(budget)
     if saved is not None:
         _check_same(out_dir, saved.get("budget", {}), asked)
@@ -115,7 +115,7 @@ def _run_one(run, budget, folder, where, score, log, **train_args):
     """Train (or resume) one run, then score it into result.json, each score it still lacks;
     a run with every score is skipped. -> whether there is a new result."""
     result_path = os.path.join(folder, "result.json")
-    result = _read_json(result_path)
+    result = read_json(result_path)
     if result is not None and (result.get("status") != "ok" or not _missing_scores(run, result)):
         log(f"{where}: finished earlier ({result.get('status')}), kept")
         return False
