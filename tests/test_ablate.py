@@ -165,6 +165,44 @@ def test_a_study_cut_between_seeds_resumes_where_it_stopped(tmp_path, monkeypatc
     assert (tmp_path / "skip-none-seed1" / "result.json").is_file()
 
 
+def test_more_seeds_extend_a_study_and_fresh_seeds_start_another(tmp_path):
+    study(tmp_path, only="skip=none")                           # TEST's seeds: 0, 1
+    lines = []
+    study(tmp_path, only="skip=none", seeds="0-2", lines=lines)
+    assert "[2/6] U-ViT (seed 1): finished earlier (ok), kept" in lines
+    assert "[3/6] U-ViT (seed 2): training 4 steps" in lines and "[6/6] skip=none (seed 2): training 4 steps" in lines
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["budget"]["seeds"] == [0, 1, 2]
+    budget, runs = ablate.saved_study(tmp_path)
+    table = comparisons(budget, read_entries(tmp_path, runs))
+    assert table[("skip=none", "uvit")]["fid"]["n"] == 3 and table[("skip=none", "uvit")]["fid"]["seeds"] == [0, 1, 2]
+
+    study(tmp_path, only="conv=none")                           # the budget's two seeds: the study keeps three
+    budget, runs = ablate.saved_study(tmp_path)
+    assert budget.seeds == (0, 1, 2) and [r.seed for r in runs if r.variant == "conv=none"] == [0, 1]
+    md = (tmp_path / "results.md").read_text()
+    assert "every model trains with each of the seeds 0, 1, 2, but conv=none with 0, 1." in md
+    assert "| runs | one per variant | 2–3 seeds per model, paired |" in md
+    with pytest.raises(ConfigError, match=r"run with steps 4; asked for steps 5"):   # other fields still count
+        study(tmp_path, dataclasses.replace(TEST, steps=5), seeds="0-3")
+
+    study(tmp_path / "fresh", seeds=(5, 6))                     # a new folder: only the seeds asked for
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.is_dir()) == ["uvit-seed5", "uvit-seed6"]
+    assert "every model trains with each of the seeds 5, 6." in (tmp_path / "fresh" / "results.md").read_text()
+
+
+def test_seeds_are_ranges_or_lists_and_anything_else_is_one_line():
+    assert ablate.parse_seeds("0-5") == (0, 1, 2, 3, 4, 5)
+    assert ablate.parse_seeds("3,4,5") == (3, 4, 5) and ablate.parse_seeds(" 0-2, 7") == (0, 1, 2, 7)
+    for bad in ("", "a", "5-3", "-1", "1,1", "0-2,2", "1.5"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            ablate.parse_seeds(bad)
+    r = cli("ablate", "--quick", "--seeds", "2-1", "--out", "never-made")
+    assert one_line(r) and "--seeds '2-1' is not a list of seeds" in r.output and not os.path.exists("never-made")
+    assert ablate.budget_name(ablate.with_seeds("quick", "0-5")) == "quick"      # other seeds, the same budget
+    assert ablate.with_seeds("quick", (7,)).seeds == (7,)
+
+
 def test_the_pilot_measures_both_conv_starts_at_two_sample_counts_and_the_study_reuses_its_uvit(
         tmp_path, monkeypatch):
     for module in (ablate, report):
@@ -387,7 +425,7 @@ def test_training_time_adds_the_segments_of_a_resumed_run():
 def test_help_has_examples():
     r = cli("ablate", "--help")
     assert r.exit_code == 0 and "Examples:" in r.output and "--only skip,time" in r.output
-    assert "--pilot" in r.output and "--only sweep" in r.output
+    assert "--pilot" in r.output and "--only sweep" in r.output and "--seeds 3-8" in r.output
 
 
 def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():

@@ -183,9 +183,35 @@ def get_budget(budget):
 
 
 def budget_name(budget):
-    """The name of a budget (a Budget or its dict) in BUDGETS, or None."""
+    """The name of a budget (a Budget or its dict) in BUDGETS, or None. The seeds do not count:
+    the quick budget with other seeds (--seeds) is still the quick budget."""
     d = budget.to_dict() if isinstance(budget, Budget) else budget
-    return next((name for name, b in BUDGETS.items() if b.to_dict() == d), None)
+    return next((name for name, b in BUDGETS.items() if but_seeds(b.to_dict()) == but_seeds(d)), None)
+
+
+def but_seeds(d):
+    """A budget's dict without its seeds: what two parts of one study share."""
+    return {k: v for k, v in d.items() if k != "seeds"}
+
+
+def parse_seeds(spec):
+    """The training seeds that --seeds names, in order: "0-5" (both ends in), "3,4,5", "0-2,7".
+    ConfigError for anything else."""
+    seeds = []
+    for word in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", word)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ConfigError(f"--seeds {spec!r} is not a list of seeds; write them as 0-5, 3,4,5 or 0-2,7")
+        seeds += range(int(m[1]), int(m[2] if m[2] is not None else m[1]) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {spec!r} names a seed twice; name each once")
+    return tuple(seeds)
+
+
+def with_seeds(budget, seeds):
+    """`budget` (a name or a Budget) with other training seeds: a tuple, or a spec for parse_seeds."""
+    seeds = parse_seeds(seeds) if isinstance(seeds, str) else tuple(seeds)
+    return dataclasses.replace(get_budget(budget), seeds=seeds).validate()
 
 
 # ----------------------------------------------------------------------------------------

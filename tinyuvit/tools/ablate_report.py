@@ -65,7 +65,7 @@ def results_markdown(budget, entries):
     if table:
         lines += _claims_section(budget, entries, table) + _models_section(budget, entries, table)
     lines += _sampling_section(budget, entries) + _pilot_section(budget, entries)
-    lines += _runs_section(budget, entries) + _recipe_section(budget)
+    lines += _runs_section(budget, entries) + _recipe_section(budget, entries)
     return "\n".join(lines) + "\n"
 
 
@@ -87,15 +87,52 @@ def _p(s):
     return "—" if s.get("p_holm") is None else f"{s['p_holm']:.2g}"
 
 
+def _seed_list(seeds):
+    """ "0, 1, 2", or "0–5" for a longer run of seeds."""
+    seeds = sorted(seeds)
+    if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _seeds_by_model(budget, entries):
+    """{seeds: [model names]} of the study's models (not the pilot's other arm), in study order."""
+    per = {}
+    for e in entries:
+        per.setdefault(e.run.variant, []).append(e.run.seed)
+    groups = {}
+    for m in study_models(budget):
+        if m.name in per:
+            groups.setdefault(tuple(sorted(per[m.name])), []).append(m.name)
+    return groups
+
+
+def _seed_count(budget, entries):
+    """ "3", or "3–6" when models have run different numbers of seeds (a study extended by --seeds)."""
+    counts = sorted({len(s) for s in _seeds_by_model(budget, entries)}) or [len(budget.seeds)]
+    return f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _seeds_text(budget, entries):
+    """Which seeds the models trained with: "every model trains with each of the seeds 0, 1, 2",
+    and the models that ran other seeds, if any."""
+    groups = _seeds_by_model(budget, entries)
+    if len(groups) <= 1:
+        return f"every model trains with each of the seeds {_seed_list(next(iter(groups), budget.seeds))}"
+    common = max(groups, key=lambda k: len(groups[k]))
+    label = lambda n: "U-ViT" if n == "uvit" else n
+    others = "; ".join(f"{', '.join(map(label, names))} with {_seed_list(seeds)}"
+                       for seeds, names in groups.items() if seeds != common)
+    return f"every model trains with each of the seeds {_seed_list(common)}, but {others}"
+
+
 def _header(budget, entries):
     b, name = budget, budget_name(budget)
     n = 10 * b.final_per_digit
-    seeds = ", ".join(map(str, b.seeds))
     done = sum(e.ok for e in entries)
     return [
         "# U-ViT's design study on MNIST", "",
-        f"Budget{f' `{name}`' if name else ''}: {b.describe()}; every model trains with each of the seeds "
-        f"{seeds}. A seed fixes the data order, the noise and every layer's starting weights by its name, so a "
+        f"Budget{f' `{name}`' if name else ''}: {b.describe()}; {_seeds_text(b, entries)}. A seed fixes the data order, the noise and every layer's starting weights by its name, so a "
         "variant with seed s starts from U-ViT seed s's weights wherever the two share a layer; each model is "
         "compared with U-ViT of the same seed (paired).",
         f"Scores: EMA weights, {b.final_per_digit} samples per digit (n = {n:,}), {b.sampler} {b.sample_steps} "
@@ -254,7 +291,7 @@ def _runs_section(budget, entries):
     return lines + [""]
 
 
-def _recipe_section(budget):
+def _recipe_section(budget, entries):
     """How the budget's recipe (its TrainConfig, read here) differs from the paper's CIFAR-10 one."""
     c = budget.train_config(budget.seeds[0])
     mc = c.model_config()
@@ -280,7 +317,7 @@ def _recipe_section(budget):
             f"guidance {c.guidance:g} |",
             f"| score | FID of 10K samples, Inception features, every 50K steps | class accuracy and FID of "
             f"{10 * budget.final_per_digit:,} samples on an MNIST classifier's features, at the end |",
-            f"| runs | one per variant | {len(budget.seeds)} seeds per model, paired |", ""]
+            f"| runs | one per variant | {_seed_count(budget, entries)} seeds per model, paired |", ""]
 
 
 def _name(model, budget, knob=None):
@@ -355,8 +392,7 @@ def plot_differences(path, budget, entries, table):
         axes[1].annotate(g, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -40),
                          textcoords="offset points", ha="center", va="top", fontsize=9, fontweight="bold",
                          color=colors[g])
-    k = len(budget.seeds)
-    fig.suptitle(f"U-ViT's design study on MNIST: {budget.describe()}, {k} paired seeds\n"
+    fig.suptitle(f"U-ViT's design study on MNIST: {budget.describe()}, {_seed_count(budget, entries)} paired seeds\n"
                  "bar: mean of model − U-ViT of the same seed; whiskers: its 95% t-interval; dots: the seeds\n"
                  f"*: Holm-adjusted p < {ALPHA:g} over the study's {m} comparisons; a bar cut at the edge is "
                  "labelled with its value", fontsize=9)

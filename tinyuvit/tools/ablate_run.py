@@ -14,26 +14,30 @@ import time
 from ..config import from_saved
 from ..errors import ConfigError, DivergedError
 from ..train import train
-from .ablate import check_built, read_json, read_results, all_runs, budget_name, count_params, get_budget, plan_runs
+from .ablate import (all_runs, budget_name, but_seeds, check_built, count_params, get_budget, plan_runs, read_json,
+                     read_results, with_seeds)
 from .ablate_report import report_files, write_report
 from .checkpoint import checkpoint_step
 from .files import RunLock, atomic_write
 from .runfolder import StopSignals, read_jsonl
 
 
-def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", data_dir=None, log=print,
+def run_study(out_dir, budget="quick", only=None, pilot=False, seeds=None, device="cpu", data_dir=None, log=print,
               progress=True, images=None, labels=None):
     """Train and score every run of the study in `out_dir` (see the module's docstring); returns
     dict(stopped, results, files). `budget`: a name in BUDGETS or a Budget. `only`: a comma list
     of choices, sweep knobs and models (U-ViT's runs are always in). `pilot`: U-ViT's seeds with
-    and without the variance levers instead. `images`/`labels`: as train()'s.
+    and without the variance levers instead. `seeds`: the training seeds instead of the budget's
+    (a tuple, or "0-5", "3,4,5"); a study folder keeps every seed it was run with, so
+    `seeds="0-5", only="pos"` adds seeds 3-5 of U-ViT and the positions to a three-seed study.
+    `images`/`labels`: as train()'s.
 
     Rerunning the same study resumes it. A run whose training diverges is recorded as diverged
     and the study goes on. SIGINT, SIGTERM or SIGHUP stop the study (a run in training saves
     first) and the result has `stopped` set to the signal's name.
     """
     from ..backend import Backend
-    budget = get_budget(budget)
+    budget = get_budget(budget) if seeds is None else with_seeds(budget, seeds)
     runs = plan_runs(budget, only, pilot)
     check_built(budget, runs)
     Backend(device)                       # no usable GPU: say so before anything is written
@@ -45,7 +49,7 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", dat
     with RunLock(out_dir), _stop_at_once():
         everything, run = [], None
         try:
-            everything = _open_study(out_dir, budget, runs)
+            budget, everything = _open_study(out_dir, budget, runs)
             asked = {r.folder for r in runs}
             todo = [r for r in everything if r.folder in asked]       # with the scores earlier runs asked for
             score = _Scorer(budget, device, data_dir, progress)
@@ -69,14 +73,17 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, device="cpu", dat
 
 
 def _open_study(out_dir, budget, runs):
-    """Check that the study in `out_dir` (if any) has the same budget, then record the budget and
-    every run asked for so far, each with every score asked for it (study.json); -> those runs,
-    in study order (the whole study's, then the pilot's other arm)."""
+    """Check that the study in `out_dir` (if any) has the same budget but for its seeds, then
+    record the budget with every seed run so far, and every run asked for so far, each with every
+    score asked for it (study.json); -> (that budget, those runs in study order: the whole
+    study's, then the pilot's other arm)."""
     path = os.path.join(out_dir, "study.json")
     saved = read_json(path)
-    asked, recipe = budget.to_dict(), _recipe(budget)
+    recipe = _recipe(budget)
     if saved is not None:
-        _check_same(out_dir, saved.get("budget", {}), asked)
+        old = saved.get("budget", {})
+        _check_same(out_dir, but_seeds(old), but_seeds(budget.to_dict()))
+        budget = dataclasses.replace(budget, seeds=tuple(sorted(set(old.get("seeds", ())) | set(budget.seeds))))
         if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
             _check_same(out_dir, from_saved(saved["recipe"]), recipe,
                         hint=" (training defaults that changed since)")
@@ -85,10 +92,10 @@ def _open_study(out_dir, budget, runs):
         scores[r.folder] = list(dict.fromkeys(scores.get(r.folder, []) + list(r.scores)))
     everything = [dataclasses.replace(r, scores=tuple(scores[r.folder])) for r in all_runs(budget)
                   if r.folder in scores]
-    study = dict(budget=asked, budget_name=budget_name(budget), recipe=recipe,
+    study = dict(budget=budget.to_dict(), budget_name=budget_name(budget), recipe=recipe,
                  runs=[dict(variant=r.variant, seed=r.seed, folder=r.folder, scores=r.scores) for r in everything])
     atomic_write(path, lambda f: f.write(json.dumps(study, indent=2).encode()))
-    return everything
+    return budget, everything
 
 
 def _check_same(out_dir, old, asked, hint=None):

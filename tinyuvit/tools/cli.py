@@ -577,6 +577,12 @@ def _budget_help():
             f"{b['default'].describe()}, {len(b['default'].seeds)} seeds per model, meant for a GPU.")
 
 
+def _seeds_default():
+    from .ablate import BUDGETS
+    span = lambda seeds: f"{seeds[0]}-{seeds[-1]}"
+    return f"{span(BUDGETS['quick'].seeds)} with --quick, else {span(BUDGETS['default'].seeds)}"
+
+
 def _headline_tables(markdown):
     """The tables of results.md worth printing: the claims and the pilot's, else every run's."""
     sections = {part.split("\n", 1)[0]: part for part in markdown.split("\n## ")[1:]}
@@ -590,6 +596,7 @@ def _headline_tables(markdown):
               "  tinyuvit ablate --quick --pilot              # U-ViT's seeds with and without the levers\n"
               "  tinyuvit ablate --quick --only skip,time     # U-ViT, the skip and time variants, every seed\n"
               "  tinyuvit ablate --quick --only sweep         # depth, width and patch size\n"
+              "  tinyuvit ablate --quick --only pos --seeds 3-8 --out runs/confirm-pos   # a fresh look at one claim\n"
               "  tinyuvit ablate --device gpu --out runs/ablate")
 @click.option("--quick", is_flag=True, help=_budget_help())
 @click.option("--out", "out_dir", type=click.Path(), default=None,
@@ -605,6 +612,12 @@ def _headline_tables(markdown):
                    "other, each scored at two sample counts and two sampling seeds, to measure the seed spread "
                    "with and without the levers (results.md). The study, run later in the same folder, reuses "
                    "U-ViT's runs.")
+@click.option("--seeds", default=None,
+              help="Training seeds of every model asked for, as 0-5 or 3,4,5, instead of the budget's. A folder "
+                   "keeps every seed run in it: --seeds 0-5 --only pos adds seeds 3-5 of U-ViT and the "
+                   "positions to a three-seed study. To test a claim again after seeing its result, use fresh "
+                   "seeds in a new folder (seeds added because a result looked close bias its p-value). "
+                   f"[default: {_seeds_default()}]")
 @click.option("--list", "list_only", is_flag=True, help="List the models and their parameter counts, then stop.")
 @device_option
 @click.option("--data-dir", type=click.Path(), default=None,
@@ -612,7 +625,7 @@ def _headline_tables(markdown):
                    "or the embedded subset).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @threads_option
-def ablate_cmd(quick, out_dir, only, pilot, list_only, device, data_dir, quiet, threads):
+def ablate_cmd(quick, out_dir, only, pilot, seeds, list_only, device, data_dir, quiet, threads):
     """The paper's design study: U-ViT against each one-change variant (Sec. 3.1) and its depth,
     width and patch-size sweep (Sec. 3.2).
 
@@ -634,8 +647,8 @@ def ablate_cmd(quick, out_dir, only, pilot, list_only, device, data_dir, quiet, 
     _set_threads(threads)
     out_dir = out_dir or os.path.join("runs", "ablate-quick" if quick else "ablate")
     log = lambda m: click.echo(m, err=True)
-    out = run_study(out_dir, budget, only=only, pilot=pilot, device=device, data_dir=data_dir, log=log,
-                    progress=not quiet)
+    out = run_study(out_dir, budget, only=only, pilot=pilot, seeds=seeds, device=device, data_dir=data_dir,
+                    log=log, progress=not quiet)
     if out["stopped"]:
         import signal
         sys.exit(128 + int(getattr(signal, out["stopped"])))
