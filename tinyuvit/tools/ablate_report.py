@@ -373,7 +373,8 @@ def plot_differences(path, budget, entries, table):
         x += 0.6
     colors = {g: f"C{i}" for i, (g, _) in enumerate(groups)}
     group_of = {n: g for g, group in groups for n in group}
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.5, 0.62 * len(xs) + 2.5), 8.5), dpi=110, sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.5, 0.62 * len(xs) + 2.5), 8.5), dpi=110, sharex=True,
+                             layout="constrained")
     m = next(iter(table.values()))["fid"]["m"]
     for ax, metric, title in ((axes[0], "accuracy", "class accuracy: model − U-ViT (points; above 0: better)"),
                               (axes[1], "fid", "FID: model − U-ViT (below 0: better)")):
@@ -396,7 +397,6 @@ def plot_differences(path, budget, entries, table):
                  "bar: mean of model − U-ViT of the same seed; whiskers: its 95% t-interval; dots: the seeds\n"
                  f"*: Holm-adjusted p < {ALPHA:g} over the study's {m} comparisons; a bar cut at the edge is "
                  "labelled with its value", fontsize=9)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.93))
     _save(fig, path)
 
 
