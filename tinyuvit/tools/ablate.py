@@ -18,7 +18,8 @@ seed, which measures how much of the seed spread is sampling noise.
     tinyuvit ablate --quick --pilot                   U-ViT's seeds with and without the variance levers
 
 A study folder holds:
-    study.json        the budget and the runs asked for (another budget in the same folder is refused)
+    study.json        the budget, every seed and every run asked for (another budget is refused; more
+                      seeds, from --seeds, join the study)
     results.md        the paper's claims with tinyuvit's verdicts, every model's paired difference
                       to U-ViT, the sampling noise, the pilot's spreads (if run), every run's scores
     differences.png   the paired mean difference to U-ViT with its 95% interval, accuracy and FID
