@@ -191,6 +191,44 @@ def test_more_seeds_extend_a_study_and_fresh_seeds_start_another(tmp_path):
     assert "every model trains with each of the seeds 5, 6." in (tmp_path / "fresh" / "results.md").read_text()
 
 
+def test_a_study_split_over_two_folders_joins_into_one(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    study(a, only="skip=none")
+    study(b, only="conv=none")                                  # U-ViT trains over there too
+    os.remove(b / "conv-none-seed1" / "result.json")            # unfinished over there: not joined
+    os.makedirs(a / "conv-none")                                # unfinished here, finished there: replaced
+    (a / "conv-none" / "metrics.jsonl").write_text("")
+    lines = []
+    out = ablate_run.join_study(a, b, TEST, log=lines.append)
+    assert out["joined"] == ["conv-none"] and out["kept"] == ["uvit", "uvit-seed1"]
+    assert any(m.startswith("conv=none (seed 0): unfinished in") for m in lines)
+    assert lines[-1] == f"joined 1 finished runs of {b} into {a}; kept 2 it had finished already"
+    budget, runs = ablate.saved_study(a)
+    assert [r.folder for r in runs] == ["uvit", "uvit-seed1", "skip-none", "skip-none-seed1", "conv-none"]
+    assert (json.loads((a / "conv-none" / "result.json").read_text()) ==
+            json.loads((b / "conv-none" / "result.json").read_text()))
+    assert not (a / "conv-none" / ".lock").exists()
+    md = (a / "results.md").read_text()
+    assert "| conv=none (seed 0) |" in md and "conv=none with 0." in md
+
+    monkeypatch.setitem(BUDGETS, "quick", TEST)
+    r = cli("ablate", "--quick", "--out", a, "--join", b)                   # again: nothing new
+    assert r.exit_code == 0 and "joined 0 finished runs" in r.output and "results.md" in r.output
+    for args, words in ((("--join", b, "--only", "skip"), "--join trains nothing, so --only has no effect"),
+                        (("--join", a), "is the study's own folder"),
+                        (("--join", tmp_path / "none"), "holds no study (no study.json)")):
+        r = cli("ablate", "--quick", "--out", a, *args)
+        assert one_line(r) and words in r.output, r.output
+    saved = json.loads((b / "study.json").read_text())
+    saved["budget"]["steps"] = 5
+    (b / "study.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="run with steps 5; asked for steps 4: join only studies of the same budget"):
+        ablate_run.join_study(a, b, TEST)
+    with RunLock(b):
+        with pytest.raises(TrainingError, match="in use by process"):
+            ablate_run.join_study(a, b, TEST)
+
+
 def test_seeds_are_ranges_or_lists_and_anything_else_is_one_line():
     assert ablate.parse_seeds("0-5") == (0, 1, 2, 3, 4, 5)
     assert ablate.parse_seeds("3,4,5") == (3, 4, 5) and ablate.parse_seeds(" 0-2, 7") == (0, 1, 2, 7)
@@ -426,6 +464,7 @@ def test_help_has_examples():
     r = cli("ablate", "--help")
     assert r.exit_code == 0 and "Examples:" in r.output and "--only skip,time" in r.output
     assert "--pilot" in r.output and "--only sweep" in r.output and "--seeds 3-8" in r.output
+    assert "--join runs/sweep" in r.output
 
 
 def test_a_study_saved_before_newer_training_fields_still_matches_its_recipe():

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -15,10 +16,10 @@ from ..config import from_saved
 from ..errors import ConfigError, DivergedError
 from ..train import train
 from .ablate import (all_runs, budget_name, but_seeds, check_built, count_params, get_budget, plan_runs, read_json,
-                     read_results, with_seeds)
+                     read_results, saved_study, with_seeds)
 from .ablate_report import report_files, write_report
 from .checkpoint import checkpoint_step
-from .files import RunLock, atomic_write
+from .files import LOCK_NAME, RunLock, atomic_write
 from .runfolder import StopSignals, read_jsonl
 
 
@@ -72,6 +73,53 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, seeds=None, devic
     return dict(stopped=None, results=read_results(out_dir, everything), files=report_files(out_dir))
 
 
+def join_study(out_dir, other_dir, budget="quick", log=print):
+    """Copy the finished runs of the study in `other_dir` into the study in `out_dir`, record
+    them in its study.json and redraw its report; nothing is trained. This is how a study split
+    over two processes (two folders, say `--only skip,time` and `--only conv,patch,pos`, each
+    with one thread) becomes one. The two must have the same budget but for the seeds, which
+    join too. A run that `out_dir` has finished is kept; one it holds unfinished is replaced by
+    the other's finished one. Both folders are locked while it works (not during a study).
+    -> dict(joined, kept: run folders; results; files)."""
+    budget = get_budget(budget)
+    out_dir, other_dir = os.fspath(out_dir), os.fspath(other_dir)
+    if os.path.exists(out_dir) and os.path.exists(other_dir) and os.path.samefile(out_dir, other_dir):
+        raise ConfigError(f"--join {other_dir} is the study's own folder (--out); name the folder of the other study")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
+    saved = read_json(os.path.join(other_dir, "study.json"))
+    if saved is None:
+        raise ConfigError(f"--join {other_dir} holds no study (no study.json); name a folder that "
+                          "`tinyuvit ablate --out` wrote")
+    with RunLock(other_dir, option="--join"):
+        other_budget, other_runs = saved_study(other_dir)
+        advice = "join only studies of the same budget"
+        _check_same(other_dir, but_seeds(other_budget.to_dict()), but_seeds(budget.to_dict()), advice=advice)
+        if "recipe" in saved:
+            _check_same(other_dir, from_saved(saved["recipe"]), _recipe(budget),
+                        hint=" (training defaults that changed since)", advice=advice)
+        finished = [r for r in other_runs if read_json(os.path.join(other_dir, r.folder, "result.json")) is not None]
+        os.makedirs(out_dir, exist_ok=True)
+        with RunLock(out_dir):
+            joined, kept = [], []
+            for r in finished:
+                here = os.path.join(out_dir, r.folder)
+                if read_json(os.path.join(here, "result.json")) is not None:
+                    kept.append(r)
+                    continue
+                if os.path.exists(here):
+                    log(f"{r.label}: unfinished in {out_dir}, finished in {other_dir}: the finished one replaces it")
+                    shutil.rmtree(here)
+                shutil.copytree(os.path.join(other_dir, r.folder), here, ignore=shutil.ignore_patterns(LOCK_NAME))
+                joined.append(r)
+            budget, everything = _open_study(out_dir, dataclasses.replace(budget, seeds=other_budget.seeds), joined)
+            write_report(out_dir, budget, everything)
+    log(f"joined {len(joined)} finished runs of {other_dir} into {out_dir}"
+        + (f"; kept {len(kept)} it had finished already" if kept else ""))
+    return dict(joined=[r.folder for r in joined], kept=[r.folder for r in kept],
+                results=read_results(out_dir, everything), files=report_files(out_dir))
+
+
 def _open_study(out_dir, budget, runs):
     """Check that the study in `out_dir` (if any) has the same budget but for its seeds, then
     record the budget with every seed run so far, and every run asked for so far, each with every
@@ -98,7 +146,7 @@ def _open_study(out_dir, budget, runs):
     return budget, everything
 
 
-def _check_same(out_dir, old, asked, hint=None):
+def _check_same(out_dir, old, asked, hint=None, advice="use another --out or the same budget"):
     """ConfigError naming the fields in which the study's saved budget (or recipe) differs."""
     diffs = [k for k in asked if old.get(k) != asked[k]]
     if diffs:
@@ -106,8 +154,7 @@ def _check_same(out_dir, old, asked, hint=None):
         name = budget_name(old)
         if hint is None:
             hint = f" (the {name} budget{': add --quick' if name == 'quick' else ''})" if name else ""
-        raise ConfigError(f"this study ({out_dir}) was run with {show(old)}{hint}; asked for {show(asked)}: "
-                          "use another --out or the same budget")
+        raise ConfigError(f"this study ({out_dir}) was run with {show(old)}{hint}; asked for {show(asked)}: {advice}")
 
 
 def _recipe(budget):

@@ -597,6 +597,8 @@ def _headline_tables(markdown):
               "  tinyuvit ablate --quick --only skip,time     # U-ViT, the skip and time variants, every seed\n"
               "  tinyuvit ablate --quick --only sweep         # depth, width and patch size\n"
               "  tinyuvit ablate --quick --only pos --seeds 3-8 --out runs/confirm-pos   # a fresh look at one claim\n"
+              "  tinyuvit ablate --quick --only sweep --out runs/sweep --threads 1   # beside another study, then:\n"
+              "  tinyuvit ablate --quick --join runs/sweep     # its finished runs join runs/ablate-quick\n"
               "  tinyuvit ablate --device gpu --out runs/ablate")
 @click.option("--quick", is_flag=True, help=_budget_help())
 @click.option("--out", "out_dir", type=click.Path(), default=None,
@@ -618,6 +620,9 @@ def _headline_tables(markdown):
                    "positions to a three-seed study. To test a claim again after seeing its result, use fresh "
                    "seeds in a new folder (seeds added because a result looked close bias its p-value). "
                    f"[default: {_seeds_default()}]")
+@click.option("--join", "join_dir", type=click.Path(), default=None,
+              help="Instead of training: copy the finished runs of the study in this folder (the same budget, "
+                   "run beside this one, say with --threads 1 each) into --out's study and redraw its report.")
 @click.option("--list", "list_only", is_flag=True, help="List the models and their parameter counts, then stop.")
 @device_option
 @click.option("--data-dir", type=click.Path(), default=None,
@@ -625,7 +630,7 @@ def _headline_tables(markdown):
                    "or the embedded subset).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @threads_option
-def ablate_cmd(quick, out_dir, only, pilot, seeds, list_only, device, data_dir, quiet, threads):
+def ablate_cmd(quick, out_dir, only, pilot, seeds, join_dir, list_only, device, data_dir, quiet, threads):
     """The paper's design study: U-ViT against each one-change variant (Sec. 3.1) and its depth,
     width and patch-size sweep (Sec. 3.2).
 
@@ -638,15 +643,23 @@ def ablate_cmd(quick, out_dir, only, pilot, seeds, list_only, device, data_dir, 
     Ctrl-C (or SIGTERM, SIGHUP) stops it, after the run in training saved its checkpoint, with
     exit status 128 + the signal's number.
     """
+    from ..errors import ConfigError
     from .ablate import format_variants, list_variants
-    from .ablate_run import run_study
+    from .ablate_run import join_study, run_study
     budget = "quick" if quick else "default"
     if list_only:
         click.echo(format_variants(list_variants(budget), budget))
         return
-    _set_threads(threads)
     out_dir = out_dir or os.path.join("runs", "ablate-quick" if quick else "ablate")
     log = lambda m: click.echo(m, err=True)
+    if join_dir is not None:
+        extra = [name for name, v in (("--only", only), ("--pilot", pilot), ("--seeds", seeds)) if v]
+        if extra:
+            raise ConfigError(f"--join trains nothing, so {', '.join(extra)} has no effect; leave it out")
+        out = join_study(out_dir, join_dir, budget, log=log)
+        click.echo(f"wrote {', '.join(os.path.basename(p) for p in out['files'])} in {out_dir}")
+        return
+    _set_threads(threads)
     out = run_study(out_dir, budget, only=only, pilot=pilot, seeds=seeds, device=device, data_dir=data_dir,
                     log=log, progress=not quiet)
     if out["stopped"]:
