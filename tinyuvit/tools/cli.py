@@ -607,7 +607,8 @@ def _headline_tables(markdown):
 @click.option("--only", default=None,
               help="Comma list of choices (skip, time_cond or time, conv, patch_embed or patch, pos_embed or "
                    "pos), sweep knobs (depth, width, patch_size), the groups ablations and sweep, and/or models "
-                   "(skip=add, depth=8); U-ViT's runs (the reference of every comparison) are always in. "
+                   "(skip=add, depth=8); U-ViT's runs (the reference of every comparison) are always in, and "
+                   "--only uvit runs them alone. "
                    "[default: every model]")
 @click.option("--pilot", is_flag=True,
               help="Instead of the study: U-ViT's seeds with the budget's start of the final conv and with the "
