@@ -42,9 +42,7 @@ def run_study(out_dir, budget="quick", only=None, pilot=False, seeds=None, devic
     runs = plan_runs(budget, only, pilot)
     check_built(budget, runs)
     Backend(device)                       # no usable GPU: say so before anything is written
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
+    out_dir = _check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     with RunLock(out_dir), _stop_at_once():
@@ -82,22 +80,16 @@ def join_study(out_dir, other_dir, budget="quick", log=print):
     the other's finished one. Both folders are locked while it works (not during a study).
     -> dict(joined, kept: run folders; results; files)."""
     budget = get_budget(budget)
-    out_dir, other_dir = os.fspath(out_dir), os.fspath(other_dir)
+    out_dir, other_dir = _check_out_dir(out_dir), os.fspath(other_dir)
     if os.path.exists(out_dir) and os.path.exists(other_dir) and os.path.samefile(out_dir, other_dir):
         raise ConfigError(f"--join {other_dir} is the study's own folder (--out); name the folder of the other study")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
     saved = read_json(os.path.join(other_dir, "study.json"))
     if saved is None:
         raise ConfigError(f"--join {other_dir} holds no study (no study.json); name a folder that "
                           "`tinyuvit ablate --out` wrote")
     with RunLock(other_dir, option="--join"):
+        _check_study(other_dir, saved, budget, advice="join only studies of the same budget")
         other_budget, other_runs = saved_study(other_dir)
-        advice = "join only studies of the same budget"
-        _check_same(other_dir, but_seeds(other_budget.to_dict()), but_seeds(budget.to_dict()), advice=advice)
-        if "recipe" in saved:
-            _check_same(other_dir, from_saved(saved["recipe"]), _recipe(budget),
-                        hint=" (training defaults that changed since)", advice=advice)
         finished = [r for r in other_runs if read_json(os.path.join(other_dir, r.folder, "result.json")) is not None]
         os.makedirs(out_dir, exist_ok=True)
         with RunLock(out_dir):
@@ -129,12 +121,9 @@ def _open_study(out_dir, budget, runs):
     saved = read_json(path)
     recipe = _recipe(budget)
     if saved is not None:
-        old = saved.get("budget", {})
-        _check_same(out_dir, but_seeds(old), but_seeds(budget.to_dict()))
-        budget = dataclasses.replace(budget, seeds=tuple(sorted(set(old.get("seeds", ())) | set(budget.seeds))))
-        if "recipe" in saved:                     # the same budget, but TrainConfig's defaults changed?
-            _check_same(out_dir, from_saved(saved["recipe"]), recipe,
-                        hint=" (training defaults that changed since)")
+        _check_study(out_dir, saved, budget)
+        old_seeds = saved.get("budget", {}).get("seeds", ())
+        budget = dataclasses.replace(budget, seeds=tuple(sorted(set(old_seeds) | set(budget.seeds))))
     scores = {r["folder"]: [tuple(s) for s in r.get("scores", [])] for r in (saved or {}).get("runs", [])}
     for r in runs:
         scores[r.folder] = list(dict.fromkeys(scores.get(r.folder, []) + list(r.scores)))
@@ -144,6 +133,23 @@ def _open_study(out_dir, budget, runs):
                  runs=[dict(variant=r.variant, seed=r.seed, folder=r.folder, scores=r.scores) for r in everything])
     atomic_write(path, lambda f: f.write(json.dumps(study, indent=2).encode()))
     return budget, everything
+
+
+def _check_out_dir(out_dir):
+    """`out_dir` as a str; ConfigError if it is a file."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the study")
+    return out_dir
+
+
+def _check_study(folder, saved, budget, advice="use another --out or the same budget"):
+    """ConfigError unless the study that `folder`'s study.json (`saved`) records has `budget`,
+    but for the seeds, and U-ViT's recipe under it (TrainConfig's defaults may have changed)."""
+    _check_same(folder, but_seeds(saved.get("budget", {})), but_seeds(budget.to_dict()), advice=advice)
+    if "recipe" in saved:
+        _check_same(folder, from_saved(saved["recipe"]), _recipe(budget),
+                    hint=" (training defaults that changed since)", advice=advice)
 
 
 def _check_same(out_dir, old, asked, hint=None, advice="use another --out or the same budget"):
