@@ -11,6 +11,12 @@
 #           another guidance) if given; the first run's sampling weights go to $OUT/eval_weights.npz
 #           (`tinyuvit export`, 12 MB: `evaluate --checkpoint` reads it, to score it again on a CPU)
 #   bench-small  the same for small b512 in fp32, then TF32; memory at batches 256 and 64
+#   ablate  (only when named) `tinyuvit ablate --quick --device gpu` of the sweep, each seed's
+#           models side by side: U-ViT of each seed first (three processes), then that seed's
+#           groups (ABLATE_GROUPS, ';' between groups), each in its own folder that --join gave
+#           U-ViT's run; SIGINT at ABLATE_LIMIT s saves the runs in training. The folders (no
+#           checkpoints), the logs with /usr/bin/time -v and nvidia-smi's samples go to
+#           $OUT/ablate.tar.gz; join them into one study with `tinyuvit ablate --quick --join`
 # If the fused CUDA kernels fail to build or run, the rest runs without them (TINYUVIT_FUSED=0).
 # Logs and results go to $OUT (default: gpu_check/), up to 9 files; every step also prints to
 # the terminal. (Where fewer files can come back, point OUT elsewhere and tar it afterwards.)
@@ -118,5 +124,41 @@ if want bench-small; then
   step "memory at the GPU default batch (256) and a 4 GB card's (64)"
   timeout ${BENCH_LIMIT:-60} python3 -m tinyuvit.tools.cli bench --device gpu --preset tiny --preset small --batch 256 64 \
     --rounds 1 --repeats 2 --warmup 1 2>&1
+fi
+if want ablate; then
+  GROUPS_=${ABLATE_GROUPS:-patch_size=2;depth;width;patch_size=7}
+  ABLATE=${ABLATE_CMD:-python3 -m tinyuvit.tools.cli ablate --quick --device gpu --quiet}
+  A=${ABLATE_DIR:-/tmp/gpu-ablate}; rm -rf "$A"; mkdir -p "$A/logs"
+  step "ablate: seeds ${ABLATE_SEEDS:-0 1 2} x U-ViT, then groups '$GROUPS_', side by side, at most ${ABLATE_LIMIT:-480} s"
+  TIMER=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v")
+  export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+  python3 -c "from tinyuvit.tools.metrics import reference_stats; r = reference_stats(data_dir='${TINYUVIT_DATA:-}' or None); print('FID reference:', r['source'])" 2>&1
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$A/logs/nvidia-smi.csv" 2>&1 &
+  SMI=$!
+  t0=$(date +%s); deadline=$((t0 + ${ABLATE_LIMIT:-480}))
+  ablate() {  # log, then ablate's options; stopped by SIGINT at the deadline (a run in training saves)
+    local log=$1; shift; local left=$((deadline - $(date +%s)))
+    [ $left -gt 5 ] || { echo "not started: past the deadline" >> "$log"; return 0; }
+    echo "+ ablate $* ($(date +%T))" >> "$log"
+    timeout -s INT $left $TIMER $ABLATE "$@" >> "$log" 2>&1; echo "exit $? ($(date +%T))" >> "$log"
+  }
+  IFS=';' read -ra groups <<< "$GROUPS_"
+  for s in ${ABLATE_SEEDS:-0 1 2}; do
+    (
+      ablate "$A/logs/s$s-g0.log" --out "$A/s$s-g0" --only uvit --seeds $s
+      for g in "${!groups[@]}"; do   # every group's folder takes U-ViT's run before any starts
+        [ $g -eq 0 ] || $ABLATE --out "$A/s$s-g$g" --join "$A/s$s-g0" >> "$A/logs/s$s-g$g.log" 2>&1
+      done
+      for g in "${!groups[@]}"; do
+        ablate "$A/logs/s$s-g$g.log" --out "$A/s$s-g$g" --only "${groups[$g]}" --seeds $s &
+      done
+      wait
+    ) &
+  done
+  wait
+  echo "ablate: $(( $(date +%s) - t0 )) s from the first run's start to the last one's end"
+  kill $SMI 2>/dev/null
+  grep -hE "^\+ ablate|: class accuracy|stopped|diverged|rror|Elapsed|Maximum resident|^exit" "$A"/logs/s*.log
+  tar -czf "$OUT/ablate.tar.gz" -C "$A" --exclude=checkpoint.npz --exclude='*.lock' . && ls -l "$OUT/ablate.tar.gz"
 fi
 step "end"
