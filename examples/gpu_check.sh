@@ -142,7 +142,7 @@ if want ablate; then
     echo "+ ablate $* ($(date +%T))" >> "$log"
     timeout -s INT $left $TIMER $ABLATE "$@" >> "$log" 2>&1; echo "exit $? ($(date +%T))" >> "$log"
   }
-  IFS=';' read -ra groups <<< "$GROUPS_"
+  IFS=';' read -ra groups <<< "$GROUPS_"; seeds=()
   for s in ${ABLATE_SEEDS:-0 1 2}; do
     (
       ablate "$A/logs/s$s-g0.log" --out "$A/s$s-g0" --only uvit --seeds $s
@@ -154,8 +154,9 @@ if want ablate; then
       done
       wait
     ) &
+    seeds+=($!)
   done
-  wait
+  wait "${seeds[@]}"    # not nvidia-smi's sampler, which runs until it is killed
   echo "ablate: $(( $(date +%s) - t0 )) s from the first run's start to the last one's end"
   kill $SMI 2>/dev/null
   grep -hE "^\+ ablate|: class accuracy|stopped|diverged|rror|Elapsed|Maximum resident|^exit" "$A"/logs/s*.log
