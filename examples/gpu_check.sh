@@ -136,6 +136,9 @@ if want ablate; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$A/logs/nvidia-smi.csv" 2>&1 &
   SMI=$!
   t0=$(date +%s); deadline=$((t0 + ${ABLATE_LIMIT:-480}))
+  pack() { tar -czf "$OUT/ablate.tar.gz" -C "$A" --exclude=checkpoint.npz --exclude='*.lock' . ; }
+  ( sleep $((${ABLATE_LIMIT:-480} + 40)); echo "ablate: still running 40 s past the deadline; packed what there is"; pack ) &
+  WATCH=$!              # should anything hang, what finished still comes back
   ablate() {  # log, then ablate's options; stopped by SIGINT at the deadline (a run in training saves)
     local log=$1; shift; local left=$((deadline - $(date +%s)))
     [ $left -gt 5 ] || { echo "not started: past the deadline" >> "$log"; return 0; }
@@ -158,8 +161,8 @@ if want ablate; then
   done
   wait "${seeds[@]}"    # not nvidia-smi's sampler, which runs until it is killed
   echo "ablate: $(( $(date +%s) - t0 )) s from the first run's start to the last one's end"
-  kill $SMI 2>/dev/null
+  pkill -P $WATCH 2>/dev/null; kill $SMI $WATCH 2>/dev/null
   grep -hE "^\+ ablate|: class accuracy|stopped|diverged|rror|Elapsed|Maximum resident|^exit" "$A"/logs/s*.log
-  tar -czf "$OUT/ablate.tar.gz" -C "$A" --exclude=checkpoint.npz --exclude='*.lock' . && ls -l "$OUT/ablate.tar.gz"
+  pack && ls -l "$OUT/ablate.tar.gz"
 fi
 step "end"
