@@ -137,8 +137,8 @@ if want ablate; then
   SMI=$!
   t0=$(date +%s); deadline=$((t0 + ${ABLATE_LIMIT:-480}))
   pack() { tar -czf "$OUT/ablate.tar.gz" -C "$A" --exclude=checkpoint.npz --exclude='*.lock' . ; }
-  ( sleep $((${ABLATE_LIMIT:-480} + 40)); echo "ablate: still running 40 s past the deadline; packed what there is"; pack ) &
-  WATCH=$!              # should anything hang, what finished still comes back
+  ( sleep $((${ABLATE_LIMIT:-480} + 40)) && echo "ablate: still running 40 s past the deadline; packed what there is" && pack ) &
+  WATCH=$!              # should anything hang, what finished still comes back (a killed sleep packs nothing)
   ablate() {  # log, then ablate's options; stopped by SIGINT at the deadline (a run in training saves)
     local log=$1; shift; local left=$((deadline - $(date +%s)))
     [ $left -gt 5 ] || { echo "not started: past the deadline" >> "$log"; return 0; }
